@@ -1,0 +1,110 @@
+"""Exact B1 gradients from recorded spike times (paper Eq. (3)-(4)).
+
+This is the backward pass the hardware-in-the-loop trainer uses: the forward pass happened on a
+device, which measured the spike times of every stage; the gradient is evaluated at those
+measured times with the nominal (host-side) parameters:
+
+    dL/dW^(n) = dL/dV^(N+1) . dV^(N+1)/dt^(N) . dt^(N)/dt^(N-1) ... dt^(n)/dW^(n)      (3)
+    dt^(n)/dt^(n-1) = M^(n-1) (1/B^(n)) W^(n),  M = diag(neuron fired before t_max)  (4)
+
+Written in activations x = t_max - t (B = 1): the error signal of a neuron layer is masked by
+its firing mask M (the ReLU derivative), max pooling routes it to the earliest spike of the pool
+(the latest for a channel with sign -1), and the readout is linear in x.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from hwloop.ttfs.coding import decode
+from hwloop.ttfs.layers import Flatten, NeuronLayer, Readout, SpikingConv2d, SpikingDense, SpikingMaxPool2d
+from hwloop.ttfs.network import TTFSNetwork
+
+
+def backward_from_spike_times(net: TTFSNetwork, stage_times: list[torch.Tensor],
+                              grad_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """dL/d(parameter) for every trainable parameter of a B1 network.
+
+    Args:
+        net: the B1 network holding the nominal weights, thresholds (D) and windows.
+        stage_times: spike times of every stage, as :meth:`TTFSNetwork.spike_times` orders them
+            (input first), ``(B, *stage_shape)`` each, tau_c, ``+inf`` = silent. Typically
+            measured by a device (``DeviceRecord.spike_times``).
+        grad_logits: dL/dlogits, ``(B, n_classes)``.
+
+    Returns:
+        ``{name: gradient}`` keyed like ``net.named_parameters()`` (``layers.<i>.weight``,
+        ``layers.<i>.D``, ``layers.<i>.in_shift``, ``layers.<i>.bias`` for the readout).
+
+    Raises:
+        ValueError: the network is not B1, or the number of stages does not match.
+    """
+    if net.model != "b1":
+        raise ValueError("backward_from_spike_times implements the B1 model (B = 1); got "
+                         f"model={net.model!r}")
+    n_stages = len(net.stage_shapes())
+    if len(stage_times) != n_stages:
+        raise ValueError(f"expected {n_stages} stage tensors (input first), got {len(stage_times)}")
+    dtype = grad_logits.dtype
+    acts = [a.to(dtype) for a in net.activations([t.to(dtype) for t in stage_times])]
+    grads: dict[str, torch.Tensor] = {}
+
+    # stage index of each layer's input
+    stage_in, s = [], 0
+    for layer in net.layers:
+        stage_in.append(s)
+        if isinstance(layer, (NeuronLayer, SpikingMaxPool2d)):
+            s += 1
+
+    g = None  # dL/dx of the current layer's output activation
+    for li in range(len(net.layers) - 1, -1, -1):
+        layer = net.layers[li]
+        x_in = acts[stage_in[li]]
+        x_in = x_in.reshape(x_in.shape[0], *net.shapes[li])
+        name = f"layers.{li}"
+        if isinstance(layer, Readout):
+            grads[f"{name}.weight"] = grad_logits.T @ x_in
+            grads[f"{name}.bias"] = grad_logits.sum(0)
+            g = grad_logits @ layer.weight.detach().to(dtype)
+        elif isinstance(layer, Flatten):
+            g = g.reshape(x_in.shape)
+        elif isinstance(layer, SpikingMaxPool2d):
+            t_in = stage_times[stage_in[li]].to(dtype)
+            key = -t_in
+            if layer.sign is not None:
+                key = torch.where(layer.sign.view(-1, 1, 1) > 0, -t_in, t_in)
+            _, idx = F.max_pool2d(key, layer.kernel_size, layer.stride, return_indices=True)
+            g = F.max_unpool2d(g, idx, layer.kernel_size, layer.stride, output_size=x_in.shape[-2:])
+        elif isinstance(layer, NeuronLayer):
+            t_out = stage_times[stage_in[li] + 1].to(dtype)
+            da = g * torch.isfinite(t_out).to(dtype)  # firing mask M, Eq. (4)
+            W = layer.weight.detach().to(dtype)
+            if isinstance(layer, SpikingDense):
+                grads[f"{name}.weight"] = da.T @ x_in
+                grads[f"{name}.D"] = da.sum(0)
+                g = da @ W
+            elif isinstance(layer, SpikingConv2d):
+                xs = x_in
+                if layer.in_shift is not None:
+                    xs = x_in + layer.in_shift.detach().to(dtype).view(-1, 1, 1)
+                grads[f"{name}.weight"] = conv2d_weight(xs, W.shape, da, layer.stride, layer.padding)
+                grads[f"{name}.D"] = da.sum((0, 2, 3))
+                g = conv2d_input(xs.shape, W, da, layer.stride, layer.padding)
+                if layer.in_shift is not None:
+                    grads[f"{name}.in_shift"] = g.sum((0, 2, 3))
+            else:  # pragma: no cover
+                raise TypeError(type(layer))
+        else:  # pragma: no cover
+            raise TypeError(type(layer))
+    return grads
+
+
+def apply_gradients(net: TTFSNetwork, grads: dict[str, torch.Tensor]) -> None:
+    """Store ``grads`` into ``param.grad`` (accumulating) so any torch optimiser can step."""
+    params = dict(net.named_parameters())
+    for k, v in grads.items():
+        p = params[k]
+        v = v.to(p.dtype)
+        p.grad = v.clone() if p.grad is None else p.grad + v
