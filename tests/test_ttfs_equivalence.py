@@ -178,3 +178,22 @@ def test_adapt_windows_eq8_keeps_function():
     assert not net.adapt_windows(net.spike_times(x))
     assert (net.to_relu()(x) - net(x)).abs().max() <= 1e-9
     del before
+
+
+def test_recorded_backward_with_l1_matches_autograd():
+    name, relu, shape = _nets()[1]
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(8, *shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    net = hwloop.convert(relu, x)
+    stages = net.spike_times(x)
+    logits = net.forward_times(stages[0])
+    from hwloop.ttfs import l1_penalty
+    loss = nn.functional.cross_entropy(logits, y) + l1_penalty(net, stages, 0.01)
+    loss.backward()
+    det = [t.detach() for t in stages]
+    logits2 = net.forward_times(det[0]).detach().requires_grad_(True)
+    glog = torch.autograd.grad(nn.functional.cross_entropy(logits2, y), logits2)[0]
+    grads = backward_from_spike_times(net, det, glog, l1=0.01)
+    for k, p in net.named_parameters():
+        assert (grads[k] - p.grad).abs().max() <= 1e-9, k

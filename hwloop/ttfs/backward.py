@@ -24,7 +24,7 @@ from hwloop.ttfs.network import TTFSNetwork
 
 
 def backward_from_spike_times(net: TTFSNetwork, stage_times: list[torch.Tensor],
-                              grad_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+                              grad_logits: torch.Tensor, l1: float = 0.0) -> dict[str, torch.Tensor]:
     """dL/d(parameter) for every trainable parameter of a B1 network.
 
     Args:
@@ -33,6 +33,8 @@ def backward_from_spike_times(net: TTFSNetwork, stage_times: list[torch.Tensor],
             (input first), ``(B, *stage_shape)`` each, tau_c, ``+inf`` = silent. Typically
             measured by a device (``DeviceRecord.spike_times``).
         grad_logits: dL/dlogits, ``(B, n_classes)``.
+        l1: weight lambda of an activity penalty lambda * mean_batch(sum of the activations
+            t_max - t of every neuron layer) (paper Table 2, "+L1"); see :func:`l1_penalty`.
 
     Returns:
         ``{name: gradient}`` keyed like ``net.named_parameters()`` (``layers.<i>.weight``,
@@ -79,6 +81,8 @@ def backward_from_spike_times(net: TTFSNetwork, stage_times: list[torch.Tensor],
             g = F.max_unpool2d(g, idx, layer.kernel_size, layer.stride, output_size=x_in.shape[-2:])
         elif isinstance(layer, NeuronLayer):
             t_out = stage_times[stage_in[li] + 1].to(dtype)
+            if l1:
+                g = g + l1 / t_out.shape[0]
             da = g * torch.isfinite(t_out).to(dtype)  # firing mask M, Eq. (4)
             W = layer.weight.detach().to(dtype)
             if isinstance(layer, SpikingDense):
@@ -99,6 +103,23 @@ def backward_from_spike_times(net: TTFSNetwork, stage_times: list[torch.Tensor],
         else:  # pragma: no cover
             raise TypeError(type(layer))
     return grads
+
+
+def l1_penalty(net: TTFSNetwork, stage_times: list[torch.Tensor], l1: float) -> torch.Tensor:
+    """lambda * mean over the batch of the summed activations (t_max - t) of all neuron layers.
+
+    Differentiable through the closed form; its gradient is what
+    :func:`backward_from_spike_times` adds for the same ``l1``.
+    """
+    acts = net.activations(stage_times)
+    total = stage_times[0].new_zeros(())
+    s = 0
+    for layer in net.layers:
+        if isinstance(layer, (NeuronLayer, SpikingMaxPool2d)):
+            s += 1
+            if isinstance(layer, NeuronLayer):
+                total = total + acts[s].flatten(1).sum(1).mean()
+    return l1 * total
 
 
 def apply_gradients(net: TTFSNetwork, grads: dict[str, torch.Tensor]) -> None:
