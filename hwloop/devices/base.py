@@ -225,6 +225,11 @@ class TTFSDevice(abc.ABC):
     def reset(self) -> None:
         """Return to the power-on state (no network programmed)."""
 
+    def seed_noise(self, seed: int) -> None:
+        """Reseed the random jitter, where the backend can (the emulator); a physical chip's
+        trial-to-trial noise cannot be seeded and ignores this. Used so that a resumed run
+        replays the same jitter as an uninterrupted one."""
+
     def close(self) -> None:
         """Release the transport; idempotent."""
 

@@ -95,16 +95,17 @@ class NeuronLayer(nn.Module):
 
     def forward(self, t_in: torch.Tensor) -> torch.Tensor:
         """Spike times ``(B, *out_shape)`` from input spike times ``(B, *in_shape)``, tau_c."""
-        x = torch.where(torch.isfinite(t_in), self.t_min - t_in, torch.zeros_like(t_in))
+        # x_j = t_min - t_j for inputs that fired, 0 for silent ones (t_min - inf = -inf -> 0)
+        x = (self.t_min - t_in).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         v = self.potential(x)
-        theta = self._chan(self.base_threshold - self.D, v.ndim)
         if self.model == "b1":
-            t = (self.t_min + theta) - v
+            t = self._chan(self.t_min + self.base_threshold - self.D, v.ndim) - v
         else:
+            theta = self._chan(self.base_threshold - self.D, v.ndim)
             t = self.t_min + (theta - v) / self._chan(self.slope(), v.ndim)
         if self.clamp_early:
             t = torch.clamp(t, min=float(self.t_min))
-        return torch.where(t < self.t_max, t, torch.full_like(t, INF))
+        return t.masked_fill(t >= self.t_max, INF)
 
     def relu_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w, b) of the equivalent ReLU layer, Eq. (2): w = W / B, b = -theta / B + width."""
@@ -254,7 +255,7 @@ class Readout(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features))
 
     def forward(self, t: torch.Tensor, t_read: torch.Tensor) -> torch.Tensor:
-        x = torch.where(torch.isfinite(t), t_read - t, torch.zeros_like(t))
+        x = (t_read - t).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         return F.linear(x, self.weight, self.bias)
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -189,12 +189,15 @@ class TTFSNetwork(nn.Module):
         t_max^(n)) and base thresholds follow. Works on activations t_max - t, so the times may
         have been recorded with the windows before this call. Returns True if any window grew.
         """
-        acts = self.activations(stage_times)
+        refs = self.stage_refs()
         widths, grew = [], False
         for i, layer in enumerate(self.layers):
             if isinstance(layer, NeuronLayer):
-                a = acts[self._stage_index(i)]
-                need = gamma * float(a.max()) if a.numel() else 0.0
+                k = self._stage_index(i)
+                t = stage_times[k]
+                # the largest activation max(t_ref - t) = t_ref - min t (silent: +inf -> none)
+                t_first = float(t.min()) if t.numel() else math.inf
+                need = gamma * max(refs[k] - t_first, 0.0) if math.isfinite(t_first) else 0.0
                 w = layer.width
                 if w < need * (1 - 1e-12):
                     w, grew = need, True

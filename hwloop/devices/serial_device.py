@@ -1,0 +1,521 @@
+"""A TTFS chip on a serial link (UART, USB-CDC, ``socket://``, ``rfc2217://``, ``loop://``).
+
+Speaks the frame dialect of :mod:`hwloop.devices.protocol` through pyserial. Reliability rules
+(also in ``docs/protocol.md``):
+
+* every request is retried with the *same* sequence number and bytes when no valid reply
+  arrives in time or a corrupted frame arrives; the chip answers a repeated frame from its reply
+  cache, so a retried write is never applied twice;
+* timeouts scale with the bytes on the wire (at ``baudrate / 10`` bytes/s on real ports) and
+  with the batch size of RUN_BATCH;
+* every weight write is verified with WEIGHTS_CRC and every threshold write by read-back;
+  a mismatch triggers a full rewrite, and after ``write_retries`` of those
+  :class:`WriteVerifyError` names the layers;
+* the host keeps a shadow of the programmed codes and sends only the chunks that changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from hwloop.devices import protocol as P
+from hwloop.devices.base import (DeviceInfo, DeviceRecord, NetworkSpec, TTFSDevice, check_codes,
+                                 NEURON_KINDS, WEIGHT_KINDS)
+from hwloop.devices.framing import Frame, FrameFault, FrameReader, encode_frame, split_chunks
+from hwloop.errors import (DeviceError, DeviceLimitError, DeviceTimeout, ProtocolError,
+                           WriteVerifyError)
+
+THRESHOLD_KINDS = NEURON_KINDS + ("readout",)
+
+
+class _Retry(Exception):
+    pass
+
+
+def error_from_code(code: int, message: str, context: str) -> DeviceError:
+    """The hwloop exception for an ERROR reply (``LIMIT`` -> DeviceLimitError, framing and
+    payload errors -> ProtocolError, the rest -> DeviceError)."""
+    text = f"{context}: chip error {P.err_name(code)} (0x{code:04x}): {message}"
+    if code == P.Err.LIMIT:
+        exc = DeviceLimitError(text)
+    elif code in P.PROTOCOL_ERRORS:
+        exc = ProtocolError(text)
+    else:
+        exc = DeviceError(text)
+    exc.code = int(code)  # the chip's error code, for callers that branch on it
+    return exc
+
+
+class SerialDevice(TTFSDevice):
+    """A chip behind a pyserial URL.
+
+    Args:
+        url: anything ``serial.serial_for_url`` opens: ``/dev/ttyUSB0``, ``COM3``,
+            ``socket://host:port``, ``rfc2217://host:port``, ``loop://``.
+        timeout: seconds to wait for a small reply; bulk transfers and runs add to it.
+        retries: retransmissions of one frame before :class:`DeviceTimeout`.
+        write_retries: full rewrites of a layer after a failed verification.
+        baudrate: of real serial ports; also sets the byte-rate term of timeouts.
+        byte_rate: bytes/s assumed by timeouts (default baudrate / 10 on real ports and ptys,
+            none on ``socket://`` / ``loop://``; 0 = none).
+        per_sample_timeout_s: added per sample of a RUN_BATCH.
+        chunk_bytes: largest payload per frame in both directions (smaller frames survive noisy
+            links better); at most ``protocol.MAX_PAYLOAD``.
+        time_format: "auto" (float64 times when the chip offers them, else ticks), "f64" or
+            "ticks".
+        port: an already-open pyserial-like object (tests); ``url`` is then only a label.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 2.0, retries: int = 5,
+                 write_retries: int = 2, baudrate: int = 115200,
+                 per_sample_timeout_s: float = 0.01, chunk_bytes: int = 4096,
+                 time_format: str = "auto", port: Any = None, verify: bool = True,
+                 byte_rate: Optional[float] = None):
+        self.url = url
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.write_retries = int(write_retries)
+        self.per_sample_timeout_s = float(per_sample_timeout_s)
+        self.chunk_bytes = max(256, min(int(chunk_bytes), P.MAX_PAYLOAD))
+        self.verify = verify
+        self.health = {"retries": 0, "crc_errors": 0, "timeouts": 0, "resyncs": 0,
+                       "bytes_tx": 0, "bytes_rx": 0, "frames_tx": 0, "frames_rx": 0,
+                       "stale_frames": 0, "verify_failures": 0}
+        is_virtual = url.startswith(("socket://", "loop://", "rfc2217://")) or port is not None
+        if byte_rate is not None:
+            self._byte_rate = float(byte_rate) if byte_rate > 0 else None
+        else:
+            self._byte_rate = None if is_virtual else max(1.0, baudrate / 10.0)
+        self._seq = 0
+        self._reader = FrameReader()
+        self._spec: Optional[NetworkSpec] = None
+        self._shadow_w: dict[int, tuple[np.ndarray, float]] = {}
+        self._shadow_t: dict[int, np.ndarray] = {}
+        self._closed = False
+        if port is None:
+            import serial
+            try:
+                port = serial.serial_for_url(url, timeout=min(self.timeout, 0.1),
+                                             baudrate=baudrate, write_timeout=None)
+            except (serial.SerialException, ValueError, OSError) as e:
+                raise DeviceError(f"cannot open serial device {url!r}: {e}") from e
+        self._port = port
+        try:
+            # pyserial flushes on open, but a chip may have sent a banner since then
+            self._port.reset_input_buffer()
+            self._write(P.DELIMITER)  # end any partial frame the chip has buffered
+            self._hello(time_format)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- link layer ------------------------------------------------------------------------------
+    def _ctx(self, cmd: int, seq: Optional[int] = None) -> str:
+        dev = getattr(self, "_info", None)
+        who = f"{dev.device_id} at {self.url}" if dev is not None else self.url
+        return f"{who} {P.cmd_name(cmd)}" + (f" (seq {seq})" if seq is not None else "")
+
+    def _write(self, data: bytes, cmd: int = P.Cmd.HELLO, seq: Optional[int] = None) -> None:
+        import serial
+        try:
+            n = self._port.write(data)
+        except serial.SerialTimeoutException as e:
+            raise DeviceTimeout(f"{self._ctx(cmd, seq)}: write timed out: {e}") from e
+        except (serial.SerialException, OSError) as e:
+            raise DeviceError(f"{self._ctx(cmd, seq)}: link failed while writing (peer hung "
+                              f"up?): {e}") from e
+        if n is not None and n != len(data):
+            raise DeviceError(f"{self._ctx(cmd, seq)}: short write ({n} of {len(data)} bytes)")
+        self.health["bytes_tx"] += len(data)
+
+    def _read_some(self, remaining: float, cmd: int, seq: int) -> bytes:
+        import serial
+        want = min(max(remaining, 0.001), 0.1)
+        try:
+            # wait for the first byte, then take whatever else is there without waiting
+            # (``in_waiting`` is only 0/1 on socket:// ports, so it cannot size the read)
+            self._port.timeout = want
+            data = self._port.read(1)
+            if data:
+                self._port.timeout = 0
+                data += self._port.read(1 << 16)
+        except (serial.SerialException, OSError) as e:
+            raise DeviceError(f"{self._ctx(cmd, seq)}: link failed while reading (peer hung "
+                              f"up?): {e}") from e
+        if data:
+            self.health["bytes_rx"] += len(data)
+        return data
+
+    def _next_seq(self) -> int:
+        self._seq = self._seq % P.SEQ_MAX + 1
+        return self._seq
+
+    def _xfer_time(self, nbytes: int) -> float:
+        return 0.0 if self._byte_rate is None else nbytes / self._byte_rate
+
+    def _transact(self, cmd: int, payload: bytes = b"", flags: int = 0,
+                  extra_timeout: float = 0.0, expect_bytes: int = 0) -> tuple[int, bytes]:
+        """Send one frame and return (reply flags, reply payload reassembled from chunks)."""
+        if self._closed:
+            raise DeviceError(f"{self._ctx(cmd)}: device is closed")
+        seq = self._next_seq()
+        wire = encode_frame(Frame(seq, int(cmd), int(flags), payload))
+        timeout = self.timeout + extra_timeout + self._xfer_time(len(wire) + expect_bytes)
+        chunks: dict[int, bytes] = {}
+        state: dict = {"total": None}
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.health["retries"] += 1
+            self._write(wire, cmd, seq)
+            self.health["frames_tx"] += 1
+            try:
+                return self._collect(cmd, seq, time.monotonic() + timeout, chunks, state)
+            except _Retry as r:
+                if str(r) == "timeout":
+                    self.health["timeouts"] += 1
+        raise DeviceTimeout(f"{self._ctx(cmd, seq)}: no valid reply after {self.retries + 1} "
+                            f"attempts of {timeout:.3g} s each")
+
+    def _collect(self, cmd: int, seq: int, deadline: float, chunks: dict, state: dict):
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Retry("timeout")
+            data = self._read_some(remaining, cmd, seq)
+            if not data:
+                continue
+            corrupt = False
+            for ev in self._reader.feed(data):
+                if isinstance(ev, FrameFault):
+                    # a frame that parses but fails its CRC is most likely our reply, corrupted:
+                    # ask again at once. Other garbage (a banner, a torn frame) is skipped.
+                    if ev.kind == "crc":
+                        self.health["crc_errors"] += 1
+                        corrupt = True
+                    else:
+                        self.health["resyncs"] += 1
+                    continue
+                self.health["frames_rx"] += 1
+                if not ev.is_reply or ev.seq != seq or ev.version != P.PROTOCOL_VERSION:
+                    self.health["stale_frames"] += 1
+                    continue
+                if ev.cmd == P.Cmd.ERROR:
+                    code, msg = P.parse_error_payload(ev.payload)
+                    raise error_from_code(code, msg, self._ctx(cmd, seq))
+                if ev.cmd != cmd:
+                    raise ProtocolError(f"{self._ctx(cmd, seq)}: reply carries command "
+                                        f"{P.cmd_name(ev.cmd)}")
+                if not ev.flags & P.Flag.CHUNKED:
+                    return ev.flags, ev.payload
+                if len(ev.payload) < P.CHUNK_HEADER.size:
+                    corrupt = True
+                    continue
+                idx, total = P.CHUNK_HEADER.unpack_from(ev.payload)
+                if state["total"] is None:
+                    state["total"] = total
+                if total != state["total"] or idx >= total:
+                    raise ProtocolError(f"{self._ctx(cmd, seq)}: inconsistent chunk {idx}/{total}")
+                if idx not in chunks:
+                    if sum(len(c) for c in chunks.values()) + len(ev.payload) > P.MAX_MESSAGE:
+                        raise ProtocolError(f"{self._ctx(cmd, seq)}: reply exceeds MAX_MESSAGE")
+                    chunks[idx] = ev.payload[P.CHUNK_HEADER.size:]
+                if len(chunks) == total:
+                    return ev.flags, b"".join(chunks[i] for i in range(total))
+            if corrupt:
+                raise _Retry("corrupt")  # fast retry: the chip replays from its cache
+
+    def _send(self, cmd: int, payload: bytes, flags: int = 0, extra_timeout: float = 0.0,
+              expect_bytes: int = 0) -> bytes:
+        """Send a message, chunked over several frames when larger than ``chunk_bytes``."""
+        if len(payload) <= self.chunk_bytes:
+            return self._transact(cmd, payload, flags, extra_timeout, expect_bytes)[1]
+        parts = split_chunks(payload, self.chunk_bytes - P.CHUNK_HEADER.size)
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            reply = self._transact(cmd, part, flags | P.Flag.CHUNKED,
+                                   extra_timeout if last else 0.0, expect_bytes if last else 0)[1]
+        return reply
+
+    # -- session ---------------------------------------------------------------------------------
+    def _hello(self, time_format: str) -> None:
+        reply = self._transact(P.Cmd.HELLO, P.HELLO_REQ.pack(P.PROTOCOL_VERSION,
+                                                             self.chunk_bytes))[1]
+        if len(reply) < P.HELLO_REPLY.size:
+            raise ProtocolError(f"{self.url}: HELLO reply too short")
+        (version,) = P.HELLO_REPLY.unpack_from(reply)
+        if version != P.PROTOCOL_VERSION:
+            raise ProtocolError(f"{self.url}: chip speaks protocol {version}, host "
+                                f"{P.PROTOCOL_VERSION}")
+        try:
+            doc = json.loads(reply[P.HELLO_REPLY.size:].decode("utf-8"))
+            self._info = DeviceInfo.model_validate(doc["info"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ProtocolError(f"{self.url}: bad HELLO JSON: {e}") from e
+        formats = doc.get("time_formats", [P.TIME_TICKS])
+        if time_format == "auto":
+            self.f64 = P.TIME_F64 in formats
+        elif time_format in (P.TIME_F64, P.TIME_TICKS):
+            if time_format not in formats:
+                raise DeviceError(f"{self._info.device_id} at {self.url} does not offer time "
+                                  f"format {time_format!r} (offers {formats})")
+            self.f64 = time_format == P.TIME_F64
+        else:
+            raise ValueError(f"time_format must be 'auto', 'f64' or 'ticks', got {time_format!r}")
+        self.ratio = P.ticks_per_tau_c(self._info.tau_c_s, self._info.clock_period_s)
+
+    def info(self) -> DeviceInfo:
+        return self._info
+
+    def status(self) -> dict:
+        return json.loads(self._transact(P.Cmd.STATUS)[1].decode("utf-8"))
+
+    def _require_spec(self) -> NetworkSpec:
+        if self._spec is None:
+            st = self.status()
+            if not st.get("programmed"):
+                raise DeviceError(f"{self._info.device_id} at {self.url}: no network programmed")
+            self._spec = NetworkSpec.model_validate(st["spec"])
+        return self._spec
+
+    def _layer(self, layer: int, kinds: tuple[str, ...]):
+        spec = self._require_spec()
+        if not 0 <= layer < len(spec.layers) or spec.layers[layer].kind not in kinds:
+            raise DeviceError(f"{self._info.device_id}: layer {layer} is not one of {list(kinds)} "
+                              f"in the programmed network")
+        return spec.layers[layer]
+
+    def program(self, spec: NetworkSpec) -> None:
+        self._spec = None
+        self._shadow_w.clear()
+        self._shadow_t.clear()
+        self._send(P.Cmd.PROGRAM, spec.model_dump_json().encode("utf-8"))
+        self._spec = spec
+
+    def seed_noise(self, seed: int) -> None:
+        """Reseed the chip's random jitter (SEED_NOISE); a chip that cannot (UNSUPPORTED or an
+        older firmware without the command) ignores it, as the contract allows."""
+        try:
+            self._transact(P.Cmd.SEED_NOISE, P.SEED.pack(int(seed) & 0xFFFFFFFFFFFFFFFF))
+        except DeviceError as e:
+            if getattr(e, "code", None) not in (P.Err.UNSUPPORTED, P.Err.UNKNOWN_COMMAND):
+                raise
+
+    def reset(self) -> None:
+        self._spec = None
+        self._shadow_w.clear()
+        self._shadow_t.clear()
+        self._transact(P.Cmd.RESET)
+
+    # -- weights ---------------------------------------------------------------------------------
+    def _codes_per_chunk(self, wide: bool) -> int:
+        return (self.chunk_bytes - P.WRITE_WEIGHTS_HDR.size) // (4 if wide else 2)
+
+    def write_weights(self, layer: int, codes: torch.Tensor, scale: float) -> None:
+        spec = self._layer(layer, WEIGHT_KINDS)
+        if tuple(codes.shape) != tuple(spec.weight_shape):
+            raise DeviceError(f"layer {layer}: codes of shape {tuple(codes.shape)}, expected "
+                              f"{spec.weight_shape}")
+        if codes.is_floating_point() and not bool((codes == codes.round()).all()):
+            raise DeviceError(f"layer {layer}: the wire carries integer weight codes; got "
+                              f"non-integral {codes.dtype} values (quantise first)")
+        check_codes(codes, self._info.weight_bits, layer)
+        scale = float(scale)
+        flat = codes.detach().cpu().reshape(-1).numpy().astype(np.int64)
+        wide = self._info.weight_bits > 16
+        dt = P.code_dtype(wide)
+        step = self._codes_per_chunk(wide)
+        starts = list(range(0, flat.size, step)) or [0]
+        shadow = self._shadow_w.pop(layer, None)
+        if shadow is None or shadow[0].shape != flat.shape:
+            todo = starts
+        else:
+            todo = [s for s in starts if not np.array_equal(flat[s:s + step],
+                                                            shadow[0][s:s + step])]
+            if not todo and shadow[1] != scale:
+                todo = starts[:1]
+        expect = P.weights_crc(flat, scale)
+        flags = P.Flag.WIDE if wide else 0
+        for attempt in range(self.write_retries + 1):
+            for i, s in enumerate(todo):
+                part = flat[s:s + step]
+                payload = P.WRITE_WEIGHTS_HDR.pack(layer, s, part.size, scale) + \
+                    part.astype(dt).tobytes()
+                commit = P.Flag.COMMIT if i == len(todo) - 1 else 0
+                self._transact(P.Cmd.WRITE_WEIGHTS, payload, flags | commit)
+            if not self.verify:
+                break
+            crc, dscale, n = P.WEIGHTS_CRC_REPLY.unpack(
+                self._transact(P.Cmd.WEIGHTS_CRC, P.LAYER.pack(layer))[1])
+            if crc == expect and n == flat.size and dscale == scale:
+                break
+            self.health["verify_failures"] += 1
+            todo = starts  # rewrite everything
+        else:
+            raise WriteVerifyError(
+                f"{self._info.device_id} at {self.url}: layer {layer} weights do not verify "
+                f"after {self.write_retries + 1} writes (chip CRC 0x{crc:08x}, scale {dscale!r}, "
+                f"{n} codes; expected 0x{expect:08x}, {scale!r}, {flat.size})", layers=[layer])
+        self._shadow_w[layer] = (flat.copy(), scale)
+
+    def read_weights(self, layer: int) -> tuple[torch.Tensor, float]:
+        spec = self._layer(layer, WEIGHT_KINDS)
+        n = math.prod(spec.weight_shape)
+        wide = self._info.weight_bits > 16
+        dt = P.code_dtype(wide)
+        step = self._codes_per_chunk(wide)
+        out = np.zeros(n, dtype=np.int64)
+        scale = 0.0
+        for s in range(0, max(n, 1), step):
+            cnt = min(step, n - s)
+            reply = self._transact(P.Cmd.READ_WEIGHTS, P.READ_RANGE.pack(layer, s, cnt),
+                                   P.Flag.WIDE if wide else 0, expect_bytes=cnt * dt.itemsize)[1]
+            scale, got = P.READ_WEIGHTS_REPLY.unpack_from(reply)
+            if got != cnt or len(reply) != P.READ_WEIGHTS_REPLY.size + cnt * dt.itemsize:
+                raise ProtocolError(f"{self._ctx(P.Cmd.READ_WEIGHTS)}: asked {cnt} codes, got "
+                                    f"{got} in {len(reply)} bytes")
+            out[s:s + cnt] = np.frombuffer(reply, dt, cnt, P.READ_WEIGHTS_REPLY.size)
+        return torch.from_numpy(out.reshape(spec.weight_shape)), float(scale)
+
+    # -- thresholds ------------------------------------------------------------------------------
+    def _values_per_chunk(self) -> int:
+        return (self.chunk_bytes - P.WRITE_THRESHOLDS_HDR.size) // 8
+
+    def _read_thr_flat(self, layer: int, n: int) -> np.ndarray:
+        step = self._values_per_chunk()
+        out = np.zeros(n, dtype=np.float64)
+        for s in range(0, n, step):
+            cnt = min(step, n - s)
+            reply = self._transact(P.Cmd.READ_THRESHOLDS, P.READ_RANGE.pack(layer, s, cnt),
+                                   expect_bytes=8 * cnt)[1]
+            (got,) = P.COUNT.unpack_from(reply)
+            if got != cnt or len(reply) != P.COUNT.size + 8 * cnt:
+                raise ProtocolError(f"{self._ctx(P.Cmd.READ_THRESHOLDS)}: asked {cnt} values, got "
+                                    f"{got}")
+            out[s:s + cnt] = np.frombuffer(reply, P.DT_F64, cnt, P.COUNT.size)
+        return out
+
+    def write_thresholds(self, layer: int, values: torch.Tensor) -> None:
+        spec = self._layer(layer, THRESHOLD_KINDS)
+        if tuple(values.shape) != tuple(spec.out_shape):
+            raise DeviceError(f"layer {layer}: thresholds of shape {tuple(values.shape)}, "
+                              f"expected {spec.out_shape}")
+        flat = values.detach().cpu().reshape(-1).double().numpy().copy()
+        if not np.all(np.isfinite(flat)):
+            raise DeviceError(f"layer {layer}: thresholds must be finite")
+        step = self._values_per_chunk()
+        starts = list(range(0, flat.size, step))
+        shadow = self._shadow_t.pop(layer, None)
+        if shadow is None or shadow.shape != flat.shape:
+            todo = starts
+        else:
+            todo = [s for s in starts if flat[s:s + step].tobytes() != shadow[s:s + step].tobytes()]
+        for attempt in range(self.write_retries + 1):
+            for i, s in enumerate(todo):
+                part = flat[s:s + step]
+                payload = P.WRITE_THRESHOLDS_HDR.pack(layer, s, part.size) + \
+                    part.astype(P.DT_F64).tobytes()
+                commit = P.Flag.COMMIT if i == len(todo) - 1 else 0
+                self._transact(P.Cmd.WRITE_THRESHOLDS, payload, commit)
+            if not self.verify:
+                break
+            back = self._read_thr_flat(layer, flat.size)
+            bad = np.flatnonzero(back.view(np.int64) != flat.view(np.int64))
+            if not bad.size:
+                break
+            self.health["verify_failures"] += 1
+            todo = starts
+        else:
+            raise WriteVerifyError(
+                f"{self._info.device_id} at {self.url}: layer {layer} thresholds do not verify "
+                f"after {self.write_retries + 1} writes ({bad.size} of {flat.size} differ, first "
+                f"at index {int(bad[0])}: wrote {flat[bad[0]]!r}, read {back[bad[0]]!r})",
+                layers=[layer])
+        self._shadow_t[layer] = flat
+
+    def read_thresholds(self, layer: int) -> torch.Tensor:
+        spec = self._layer(layer, THRESHOLD_KINDS)
+        n = math.prod(spec.out_shape)
+        return torch.from_numpy(self._read_thr_flat(layer, n).reshape(spec.out_shape))
+
+    # -- windows and runs ------------------------------------------------------------------------
+    def set_windows(self, windows: list[tuple[float, float]]) -> None:
+        spec = self._require_spec()
+        arr = np.asarray(windows, dtype=np.float64).reshape(-1, 2)
+        self._transact(P.Cmd.SET_WINDOWS, P.WINDOWS_HDR.pack(arr.shape[0]) +
+                       arr.astype(P.DT_F64).tobytes())
+        self._spec = P.spec_with_windows(spec, arr.tolist())
+
+    def _check_run_size(self, spec: NetworkSpec, b: int) -> int:
+        """Expected reply bytes of a run; DeviceLimitError when one message cannot hold it."""
+        stages = [math.prod(spec.input_shape)] + [math.prod(spec.layers[i].out_shape)
+                                                  for i in spec.stage_layers()]
+        layers = [math.prod(spec.layers[i].out_shape) for i in spec.neuron_layers()]
+        classes = sum(math.prod(l.out_shape) for l in spec.layers if l.kind == "readout")
+        size = P.run_reply_size(b, stages, layers, classes, self.f64)
+        if size > P.MAX_MESSAGE:
+            most = P.max_batch_for_message(stages, layers, classes, self.f64)
+            raise DeviceLimitError(
+                f"a batch of {b} needs a {size}-byte reply, beyond MAX_MESSAGE={P.MAX_MESSAGE}; "
+                f"run at most {most} samples at a time on this network")
+        return size
+
+    def run(self, input_spike_times: torch.Tensor) -> DeviceRecord:
+        spec = self._require_spec()
+        x = input_spike_times.detach().cpu().double()
+        if tuple(x.shape[1:]) != tuple(spec.input_shape):
+            raise DeviceError(f"input of shape {tuple(x.shape)}; the network takes "
+                              f"(B, {', '.join(map(str, spec.input_shape))})")
+        b = int(x.shape[0])
+        if b > self._info.max_batch:
+            raise DeviceLimitError(f"batch of {b} exceeds max_batch={self._info.max_batch} of "
+                                   f"{self._info.device_id}")
+        self._check_run_size(spec, b)
+        arr = x.reshape(b, -1).numpy()
+        try:
+            payload = P.encode_run_request(arr, self.f64, self.ratio)
+        except ValueError as e:
+            raise DeviceError(f"{self._ctx(P.Cmd.RUN_BATCH)}: {e}") from e
+        stage_ids = spec.stage_layers()
+        neuron_ids = spec.neuron_layers()
+        expect = self._check_run_size(spec, b)
+        body = self._send(P.Cmd.RUN_BATCH, payload, P.Flag.F64_TIMES if self.f64 else 0,
+                          extra_timeout=self.per_sample_timeout_s * b, expect_bytes=expect)
+        try:
+            rep = P.decode_run_reply(body, self.f64, self.ratio)
+        except ValueError as e:
+            raise ProtocolError(f"{self._ctx(P.Cmd.RUN_BATCH)}: {e}") from e
+        shapes = [tuple(spec.input_shape)] + [tuple(spec.layers[i].out_shape) for i in stage_ids]
+        if rep.batch != b or len(rep.stage_times) != len(shapes) or \
+                len(rep.v_tmax) != len(neuron_ids):
+            raise ProtocolError(f"{self._ctx(P.Cmd.RUN_BATCH)}: reply shape does not match the "
+                                f"programmed network ({rep.batch} samples, "
+                                f"{len(rep.stage_times)} stages, {len(rep.v_tmax)} layers)")
+        try:
+            spike_times = [torch.from_numpy(t.reshape(b, *s)) for t, s in
+                           zip(rep.stage_times, shapes)]
+            v_tmax = [torch.from_numpy(v.reshape(b, *spec.layers[i].out_shape))
+                      for v, i in zip(rep.v_tmax, neuron_ids)]
+        except ValueError as e:
+            raise ProtocolError(f"{self._ctx(P.Cmd.RUN_BATCH)}: {e}") from e
+        return DeviceRecord(
+            spike_times=spike_times, readout=torch.from_numpy(rep.readout), v_tmax=v_tmax,
+            spike_counts=torch.from_numpy(rep.spike_counts),
+            neurons_per_layer=[spec.layers[i].n_neurons for i in neuron_ids],
+            energy_j=None if rep.energy_j is None else torch.from_numpy(rep.energy_j),
+            meta={"device_id": self._info.device_id, "transport": self.url,
+                  "time_format": P.TIME_F64 if self.f64 else P.TIME_TICKS})
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._port.close()
+        except Exception:
+            pass

@@ -1,0 +1,381 @@
+"""`hwloop finetune`: the main job, end to end.
+
+1. load the data set (IDX files, or a synthetic task for tests);
+2. train the ReLU twin, or load it from the model cache;
+3. convert it to a float64 B1 network (exact twin) and map it onto the device: windows shrunk to
+   the profile's percentile of training activations (Methods (ii), (iv)), weights quantised
+   (Methods (iii)), thresholds and readout offsets written and verified;
+4. evaluate before fine-tuning: ReLU (float), ideal SNN, the device;
+5. fine-tune N epochs with :class:`~hwloop.train.hil.HILTrainer` (a JSONL line per step, an
+   atomic checkpoint per epoch, ``resume`` from the last one);
+6. evaluate again; print a table; write ``report.json`` with provenance.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from hwloop.devices.base import NetworkSpec
+from hwloop.errors import CheckpointError, DataError
+from hwloop.mapping import ProgramState, apply_windows, latency_windows, program_network
+from hwloop.provenance import provenance
+from hwloop.train.checkpoint import load_checkpoint, save_checkpoint
+from hwloop.train.hil import FinetuneConfig, HILTrainer, epoch_order, evaluate_device, evaluate_net
+from hwloop.ttfs import TTFSNetwork, convert
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DEVICE = "devices/emulator-analog.yaml"
+
+
+class FinetuneOptions(BaseModel):
+    """Everything `hwloop finetune` needs; every field has an embedded default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field(default=DEFAULT_DEVICE, description="profile path, serial URL/port or VISA resource")
+    chip_seed: Optional[int] = Field(default=None, description="emulator chip instance (frozen mismatch)")
+    dataset: str = Field(default="fashion-mnist", pattern="^(fashion-mnist|mnist|synthetic)$")
+    data_dir: Optional[str] = None
+    arch: str = Field(default="fc2", pattern="^(fc2|fc16|lenet5|vgg16)$")
+    pretrain_recipe: str = "default"
+    pretrain_epochs: Optional[int] = Field(default=None, ge=0)
+    train_subset: Optional[int] = Field(default=None, ge=1)
+    test_subset: Optional[int] = Field(default=None, ge=1)
+    window_percentile: Optional[float] = Field(default=None, gt=0, le=100)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    out: str = "runs/finetune"
+    resume: bool = False
+    calibration: Optional[str] = None
+    cache_dir: Optional[str] = None
+    eval_batch_size: int = Field(default=1000, ge=1)
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------- data
+def load_data(opts: FinetuneOptions):
+    """(x_train, y_train, x_test, y_test): images in [0, 1] ``(N, 1, 28, 28)``, int64 labels."""
+    if opts.dataset == "synthetic":
+        from hwloop.data.datasets import synthetic_dataset
+        n_tr, n_te = opts.train_subset or 2000, opts.test_subset or 500
+        x, y = synthetic_dataset(n_tr + n_te, (1, 12, 12), 4, seed=opts.finetune.seed, noise=0.35)
+        return x[:n_tr], y[:n_tr], x[n_tr:], y[n_tr:]
+    from hwloop.data.datasets import load_dataset
+    xtr, ytr = load_dataset(opts.dataset, "train", opts.data_dir)
+    xte, yte = load_dataset(opts.dataset, "test", opts.data_dir)
+    if opts.train_subset:
+        xtr, ytr = xtr[:opts.train_subset], ytr[:opts.train_subset]
+    if opts.test_subset:
+        xte, yte = xte[:opts.test_subset], yte[:opts.test_subset]
+    return xtr, ytr, xte, yte
+
+
+def cache_root(opts: FinetuneOptions) -> Path:
+    if opts.cache_dir:
+        return Path(opts.cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hwloop" / "models"
+
+
+def relu_twin(opts: FinetuneOptions, data, log: Callable[[str], None] = print):
+    """The trained ReLU twin, from the cache when the same (data, arch, recipe, seed) was
+    trained before. Returns ``(model, info)``."""
+    from hwloop.train.software import RECIPES, train
+    from hwloop.ttfs.architectures import build_relu
+
+    xtr, ytr, xte, yte = data
+    recipe = RECIPES[opts.pretrain_recipe].to_dict()
+    if opts.pretrain_epochs is not None:
+        recipe["epochs"] = opts.pretrain_epochs
+    n_classes = int(max(int(ytr.max()), int(yte.max())) + 1)
+    key_src = json.dumps({"dataset": opts.dataset, "n_train": int(xtr.shape[0]), "arch": opts.arch,
+                          "recipe": recipe, "seed": opts.finetune.seed,
+                          "shape": list(xtr.shape[1:]), "classes": n_classes,
+                          "first": float(xtr[:64].sum())}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    path = cache_root(opts) / f"{opts.dataset}-{opts.arch}-{key}.pt"
+    torch.manual_seed(opts.finetune.seed)
+    model = build_relu(opts.arch, tuple(xtr.shape[1:]), n_classes)
+    if path.exists():
+        try:
+            state = load_checkpoint(path)
+            model.load_state_dict(state["model"])
+            log(f"ReLU twin loaded from cache {path}")
+            return model.eval(), {"cached": True, "path": str(path), **state.get("info", {})}
+        except CheckpointError as exc:
+            log(f"model cache unusable ({exc}); retraining")
+    log(f"training the ReLU twin ({opts.arch}, {recipe['epochs']} epochs, recipe {opts.pretrain_recipe})")
+    t0 = time.time()
+    report = train(model, (xtr, ytr), (xte, yte), seed=opts.finetune.seed, progress=opts.progress,
+                   **{k: recipe[k] for k in ("epochs", "batch_size", "lr", "schedule", "weight_decay",
+                                             "label_smoothing", "shift")})
+    info = {"test_accuracy": report.get("test_accuracy"), "train_time_s": round(time.time() - t0, 1),
+            "recipe": recipe}
+    save_checkpoint(path, {"model": model.state_dict(), "info": info})
+    return model.eval(), {"cached": False, "path": str(path), **info}
+
+
+# ---------------------------------------------------------------------------- device
+def resolve_device_name(name: str) -> str:
+    """A profile path relative to the current directory or to the hwloop checkout."""
+    if "://" in name or "::" in name or name.startswith(("/dev/", "COM", "ASRL", "TCPIP", "USB", "GPIB")):
+        return name
+    p = Path(name)
+    if not p.exists() and (REPO_ROOT / name).exists():
+        return str(REPO_ROOT / name)
+    return name
+
+
+def open_named_device(name: str, chip_seed: Optional[int] = None):
+    from hwloop.devices.open import open_device
+    kw = {} if chip_seed is None else {"chip_seed": chip_seed}
+    return open_device(resolve_device_name(name), **kw)
+
+
+def map_network(device, net: TTFSNetwork, x_train: torch.Tensor, window_percentile: Optional[float],
+                calibration=None) -> tuple[TTFSNetwork, ProgramState, float]:
+    """Shrink windows (Methods (ii)/(iv)), program, verify. Returns (shadow net, state, pct)."""
+    info = device.info()
+    prof = getattr(device, "profile", None)
+    pct = window_percentile
+    if pct is None:
+        pct = getattr(prof, "window_percentile", None)
+    if pct is None:
+        pct = 99.0 if info.time_steps_per_layer else 100.0
+    shadow = net
+    if float(pct) < 100.0 or info.time_steps_per_layer:
+        widths = latency_windows(net, x_train[:5000], float(pct))
+        shadow = apply_windows(net, widths, clamp_early=True)
+    clip = getattr(prof, "weight_clip_percentile", None)
+    if calibration is not None:
+        from hwloop.calibrate import compensate  # issue: calibration
+        state = compensate.program_calibrated(device, shadow, calibration, clip_percentile=clip)
+    else:
+        state = program_network(device, shadow, clip_percentile=clip)
+    return shadow, state, float(pct)
+
+
+def state_to_dict(state: ProgramState) -> dict:
+    return {"spec": state.spec.model_dump_json(),
+            "weights": {int(k): [v[0], float(v[1])] for k, v in state.weights.items()},
+            "thresholds": {int(k): v for k, v in state.thresholds.items()},
+            "weight_bits": state.weight_bits, "clip_percentile": state.clip_percentile}
+
+
+def state_from_dict(d: dict) -> ProgramState:
+    return ProgramState(spec=NetworkSpec.model_validate_json(d["spec"]),
+                        weights={int(k): (v[0], float(v[1])) for k, v in d["weights"].items()},
+                        thresholds={int(k): v for k, v in d["thresholds"].items()},
+                        weight_bits=d["weight_bits"], clip_percentile=d["clip_percentile"])
+
+
+def reprogram(device, state: ProgramState) -> None:
+    """Put a saved :class:`ProgramState` back on a device, verified."""
+    from hwloop.errors import WriteVerifyError
+    device.program(state.spec)
+    bad = []
+    for i, (codes, scale) in state.weights.items():
+        device.write_weights(i, codes, scale)
+        rc, rs = device.read_weights(i)
+        if not (torch.equal(rc.to(codes.dtype), codes) and float(rs) == float(scale)):
+            bad.append(i)
+    for i, v in state.thresholds.items():
+        device.write_thresholds(i, v)
+        if not torch.equal(device.read_thresholds(i).to(torch.float64), v):
+            bad.append(i)
+    if bad:
+        raise WriteVerifyError(f"reprogramming from the checkpoint failed to verify layers {sorted(set(bad))}",
+                               layers=sorted(set(bad)))
+
+
+# ---------------------------------------------------------------------------- the job
+class _Interrupt(Exception):
+    """Raised by the test hook ``stop_after_steps`` to simulate a killed run."""
+
+
+def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
+                 stop_after_steps: Optional[int] = None) -> dict[str, Any]:
+    """Run the whole job; returns the report (also written to ``<out>/report.json``).
+
+    ``stop_after_steps`` (tests): raise after that many fine-tuning steps in this call, as if
+    the process had been killed mid-epoch.
+    """
+    t_start = time.time()
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint.pt"
+    ft = opts.finetune
+    if opts.resume and not ckpt.exists():
+        raise CheckpointError(f"--resume: no checkpoint at {ckpt} (nothing to resume; run without --resume)")
+    if not opts.resume and ckpt.exists():
+        raise CheckpointError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
+
+    data = load_data(opts)
+    xtr, ytr, xte, yte = data
+    relu, relu_info = relu_twin(opts, data, log)
+    net = convert(relu, xtr[:2000].to(torch.float64), dtype=torch.float64)
+    ideal = copy.deepcopy(net)
+
+    calibration = None
+    if opts.calibration:
+        from hwloop.calibrate.record import load_record
+        calibration = load_record(opts.calibration)
+
+    device = open_named_device(opts.device, opts.chip_seed)
+    try:
+        shadow, state, pct = map_network(device, net, xtr, opts.window_percentile, calibration)
+        info = device.info()
+        log(f"device {info.device_id} (firmware {info.firmware_version}): weight bits "
+            f"{state.weight_bits or 'float'}, time steps/layer {info.time_steps_per_layer or 'continuous'}, "
+            f"windows at the {pct:g}th percentile")
+
+        n_train = xtr.shape[0]
+        steps_per_epoch = math.ceil(n_train / ft.batch_size)
+        if ft.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, ft.max_steps_per_epoch)
+        total_steps = steps_per_epoch * ft.epochs
+
+        trainer = HILTrainer(device, shadow, state, ft)
+        start_epoch, history, before = 0, [], None
+        if opts.resume:
+            ck = load_checkpoint(ckpt, fallback=True)
+            if ck.get("options", {}).get("finetune") != ft.model_dump():
+                raise CheckpointError(f"{ckpt} was written with other fine-tuning options; "
+                                      "resume with the same options")
+            shadow.load_state_dict(ck["shadow"])
+            trainer.opt.load_state_dict(ck["optimizer"])
+            trainer.state = state_from_dict(ck["state"])
+            trainer.nominal.load_state_dict(ck["shadow"])
+            trainer._refresh_nominal()
+            reprogram(device, trainer.state)
+            trainer.device_calls = int(ck["device_calls"])
+            start_epoch, history, before = int(ck["epoch"]), list(ck["history"]), ck["before"]
+            log(f"resumed from {ckpt} after epoch {start_epoch}")
+
+        if before is None:
+            log("evaluating before fine-tuning (ReLU, ideal SNN, device)")
+            before = {"relu": evaluate_net(relu, xte, yte)["accuracy"],
+                      "ideal_snn": evaluate_net(ideal, xte, yte),
+                      "device": evaluate_device(device, shadow, xte, yte, opts.eval_batch_size)}
+
+        steps_done = 0
+        log_path = out / "log.jsonl"
+        t_ft = time.time()
+        with open(log_path, "a", encoding="utf-8") as logf:
+            for epoch in range(start_epoch, ft.epochs):
+                device.seed_noise(ft.seed * 1_000_003 + epoch)
+                order = epoch_order(n_train, ft.seed, epoch)
+                bar = _progress(opts.progress, steps_per_epoch, f"epoch {epoch + 1}/{ft.epochs}")
+                sums = {"loss": 0.0, "acc": 0.0, "spn": 0.0, "n": 0}
+                for s in range(steps_per_epoch):
+                    if stop_after_steps is not None and steps_done >= stop_after_steps:
+                        raise _Interrupt(f"stopped after {steps_done} steps (test hook)")
+                    g_step = epoch * steps_per_epoch + s
+                    trainer.set_lr(trainer.lr_at(g_step, total_steps))
+                    idx = order[s * ft.batch_size:(s + 1) * ft.batch_size]
+                    res, _ = trainer.step(xtr[idx], ytr[idx])
+                    steps_done += 1
+                    sums["loss"] += res.loss
+                    sums["acc"] += res.accuracy
+                    sums["spn"] += res.spikes_per_neuron
+                    sums["n"] += 1
+                    logf.write(json.dumps({"epoch": epoch, "step": g_step, "loss": res.loss,
+                                           "accuracy": res.accuracy,
+                                           "spikes_per_neuron": res.spikes_per_neuron,
+                                           "energy_j_per_sample": res.energy_j,
+                                           "writes": res.layers_written,
+                                           "lr": trainer.opt.param_groups[0]["lr"]}) + "\n")
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}",
+                                        acc=f"{sums['acc'] / sums['n']:.3f}",
+                                        spn=f"{sums['spn'] / sums['n']:.3f}")
+                if bar is not None:
+                    bar.close()
+                logf.flush()
+                history.append({"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["n"], 1),
+                                "train_accuracy": sums["acc"] / max(sums["n"], 1),
+                                "spikes_per_neuron": sums["spn"] / max(sums["n"], 1)})
+                save_checkpoint(ckpt, {"epoch": epoch + 1, "shadow": shadow.state_dict(),
+                                       "optimizer": trainer.opt.state_dict(),
+                                       "state": state_to_dict(trainer.state),
+                                       "history": history, "before": before,
+                                       "device_calls": trainer.device_calls,
+                                       "options": opts.model_dump(mode="json")})
+        ft_time = time.time() - t_ft
+
+        log("evaluating after fine-tuning")
+        after = {"device": evaluate_device(device, shadow, xte, yte, opts.eval_batch_size)}
+        report = {
+            "dataset": opts.dataset, "arch": opts.arch, "n_train": int(n_train), "n_test": int(xte.shape[0]),
+            "window_percentile": pct, "weight_bits": state.weight_bits,
+            "relu_twin": relu_info, "before": before, "after": after, "history": history,
+            "finetune": ft.model_dump(), "steps_per_epoch": steps_per_epoch,
+            "finetune_wall_time_s": round(ft_time, 2), "wall_time_s": round(time.time() - t_start, 2),
+            "device_calls": trainer.device_calls + before["device"]["device_calls"]
+                            + after["device"]["device_calls"],
+            "final_weights_sha256": _weights_digest(shadow),
+            "provenance": provenance(device, opts.device,
+                                     seeds={"seed": ft.seed, "chip_seed": opts.chip_seed},
+                                     calibration=opts.calibration),
+        }
+    finally:
+        device.close()
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=float))
+    os.replace(tmp, out / "report.json")
+    torch.save({"shadow": shadow.state_dict()}, out / "final_weights.pt")
+    return report
+
+
+def _weights_digest(net: TTFSNetwork) -> str:
+    h = hashlib.sha256()
+    for k, v in net.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _progress(on: bool, total: int, desc: str):
+    if not on:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def format_table(report: dict) -> str:
+    """The closing table of `hwloop finetune`."""
+    b, a = report["before"], report["after"]
+    rows = [
+        ("ReLU (float)", f"{100 * b['relu']:.2f}", "-", "-"),
+        ("ideal SNN (B1)", f"{100 * b['ideal_snn']['accuracy']:.2f}",
+         f"{b['ideal_snn']['spikes_per_neuron']:.3f}", "-"),
+        ("device, before", f"{100 * b['device']['accuracy']:.2f}", f"{b['device']['spikes_per_neuron']:.3f}",
+         _fmt_j(b['device']['energy_j_per_sample'])),
+        ("device, after", f"{100 * a['device']['accuracy']:.2f}", f"{a['device']['spikes_per_neuron']:.3f}",
+         _fmt_j(a['device']['energy_j_per_sample'])),
+    ]
+    lines = [f"{'':18} {'accuracy %':>10} {'spikes/neuron':>14} {'energy/inference':>17}"]
+    lines += [f"{r[0]:18} {r[1]:>10} {r[2]:>14} {r[3]:>17}" for r in rows]
+    lines.append(f"fine-tuning: {report['finetune']['epochs']} epochs x {report['steps_per_epoch']} steps, "
+                 f"{report['finetune_wall_time_s']:.1f} s; total wall time {report['wall_time_s']:.1f} s; "
+                 f"device calls {report['device_calls']}")
+    return "\n".join(lines)
+
+
+def _fmt_j(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    for unit, f in (("nJ", 1e-9), ("pJ", 1e-12), ("fJ", 1e-15)):
+        if abs(v) >= f:
+            return f"{v / f:.3f} {unit}"
+    return f"{v:.3e} J"

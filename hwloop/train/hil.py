@@ -1,0 +1,268 @@
+"""Hardware-in-the-loop fine-tuning with exact B1 gradients computed off-chip.
+
+One step, data flowing one way::
+
+    x -> encode -> device.run -> DeviceRecord (measured spike times, readout)
+      -> logits, loss (off-chip) -> backward_from_spike_times (measured times, nominal weights)
+      -> optimiser step on float64 shadow weights -> quantise with the layer's fixed scale
+      -> write changed layers back, read back, verify -> next batch
+
+The *shadow* network holds the float weights the optimiser trains; the *nominal* network holds
+what the host believes is programmed on the chip (the dequantised codes and the thresholds
+written), and is where the gradient of Eq. (3)-(4) is evaluated (quantisation-aware training,
+Methods (iii): gradient at the quantised weights, applied to the float weights, with the
+quantisation steps fixed during fine-tuning).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from hwloop.devices.base import NEURON_KINDS, DeviceRecord, TTFSDevice
+from hwloop.errors import WriteVerifyError
+from hwloop.mapping import ProgramState
+from hwloop.ttfs import TTFSNetwork, apply_gradients, backward_from_spike_times
+from hwloop.ttfs.layers import NeuronLayer, Readout
+
+
+class FinetuneConfig(BaseModel):
+    """Hyper-parameters of hardware-in-the-loop fine-tuning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=3, ge=0, description="epochs of fine-tuning")
+    lr: float = Field(default=1e-4, gt=0, le=1.0, description="Adam learning rate")
+    lr_schedule: str = Field(default="cosine", pattern="^(cosine|constant)$")
+    batch_size: int = Field(default=64, ge=1, le=65536)
+    l1: float = Field(default=0.0, ge=0, description="activity penalty lambda (Table 2, +L1)")
+    seed: int = Field(default=0, ge=0)
+    max_steps_per_epoch: Optional[int] = Field(default=None, ge=1,
+                                               description="stop each epoch early (subset)")
+    adapt_windows: bool = Field(default=True, description="Eq. (8) where the device allows it")
+    write_retries: int = Field(default=2, ge=0, le=10)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    accuracy: float
+    spikes_per_neuron: float
+    energy_j: float  # mean joules per sample of this batch
+    layers_written: int
+
+
+def weight_layer_indices(net: TTFSNetwork) -> list[int]:
+    return [i for i, l in enumerate(net.layers) if isinstance(l, (NeuronLayer, Readout))]
+
+
+def layer_thresholds(net: TTFSNetwork, i: int) -> torch.Tensor:
+    """What a device is programmed with for layer i: theta per neuron, or readout offsets."""
+    layer = net.layers[i]
+    if isinstance(layer, Readout):
+        return layer.bias.detach().to(torch.float64).clone()
+    return layer.neuron_thresholds(net.shapes[i]).to(torch.float64)
+
+
+def quantize_fixed(w: torch.Tensor, scale: float, bits: Optional[int]) -> torch.Tensor:
+    """Codes of ``w`` on a fixed step ``scale`` (rounded, clipped to the q-bit range).
+
+    ``bits=None``: a float device (ideal emulator) stores the float64 weights themselves."""
+    if bits is None:
+        return w.detach().to(torch.float64).clone()
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(w.detach().to(torch.float64) / scale), lo, hi).to(torch.int64)
+
+
+class HILTrainer:
+    """Fine-tunes a B1 network on a device with exact gradients from measured spike times.
+
+    Args:
+        device: any :class:`TTFSDevice`, already programmed with ``net`` (see
+            :func:`hwloop.mapping.program_network`), whose codes and scales are ``state``.
+        net: the float64 B1 network (it becomes the shadow and is trained in place).
+        state: what is programmed (:class:`hwloop.mapping.ProgramState`); its per-layer scales
+            stay fixed while fine-tuning (Methods (iii)). Updated in place as writes verify.
+        config: :class:`FinetuneConfig`.
+    """
+
+    def __init__(self, device: TTFSDevice, net: TTFSNetwork, state: ProgramState,
+                 config: FinetuneConfig):
+        self.device, self.shadow, self.state, self.config = device, net, state, config
+        self.weight_bits = state.weight_bits
+        self.adaptive = bool(config.adapt_windows and device.info().adaptive_windows)
+        self.opt = torch.optim.Adam(self.shadow.parameters(), lr=config.lr)
+        self.nominal = copy.deepcopy(self.shadow)
+        self._refresh_nominal()
+        self.device_calls = 0
+        self.writes = 0
+
+    # ------------------------------------------------------------------ nominal network
+    @torch.no_grad()
+    def _refresh_nominal(self, layers: Optional[Iterable[int]] = None) -> None:
+        for i in (weight_layer_indices(self.shadow) if layers is None else layers):
+            dst, src = self.nominal.layers[i], self.shadow.layers[i]
+            codes, scale = self.state.weights[i]
+            dst.weight.copy_(codes.to(torch.float64) * scale)
+            if isinstance(src, Readout):
+                dst.bias.copy_(src.bias)
+            else:
+                dst.D.copy_(src.D)
+                if getattr(src, "in_shift", None) is not None:
+                    dst.in_shift.copy_(src.in_shift)
+        for dl, sl in zip(self.nominal.neuron_layers(), self.shadow.neuron_layers()):
+            if (float(dl.t_min), float(dl.t_max)) != (float(sl.t_min), float(sl.t_max)):
+                dl.set_window(float(sl.t_min), float(sl.t_max))
+
+    # ------------------------------------------------------------------ one step
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[StepResult, DeviceRecord]:
+        """One fine-tuning step on a batch ``x`` ``(B, *input_shape)`` in [0, 1], labels ``y``."""
+        t_in = self.shadow.encode(x.to(torch.float64))
+        record = self.device.run(t_in)
+        self.device_calls += 1
+        logits = record.readout.to(torch.float64).detach().requires_grad_(True)
+        loss = F.cross_entropy(logits, y)
+        (glog,) = torch.autograd.grad(loss, logits)
+        grads = backward_from_spike_times(self.nominal, record.spike_times, glog, l1=self.config.l1)
+        self.opt.zero_grad(set_to_none=True)
+        apply_gradients(self.shadow, grads)
+        self.opt.step()
+        if self.adaptive and self.shadow.adapt_windows(record.spike_times):
+            self.device.set_windows(self.shadow.windows())
+            self.device_calls += 1
+        written = self.write_back()
+        acc = float((logits.detach().argmax(1) == y).to(torch.float64).mean())
+        energy = float(record.energy_j.sum(1).mean()) if record.energy_j is not None else math.nan
+        return StepResult(float(loss.detach()), acc, record.spikes_per_neuron(), energy, written), record
+
+    # ------------------------------------------------------------------ write back
+    def write_back(self) -> int:
+        """Quantise the shadow with each layer's fixed scale, write the layers whose codes or
+        thresholds changed, read them back and verify. Returns the number of writes.
+
+        Raises:
+            WriteVerifyError: a layer still differs after ``config.write_retries`` retries; its
+                ``layers`` attribute names every layer whose programmed state is not the
+                intended one (the host's ``state`` keeps what was last verified).
+        """
+        failed, changed = [], []
+        n = 0
+        for i in weight_layer_indices(self.shadow):
+            layer = self.shadow.layers[i]
+            old_codes, scale = self.state.weights[i]
+            codes = quantize_fixed(layer.weight, scale, self.weight_bits)
+            theta = layer_thresholds(self.shadow, i)
+            w_changed = not torch.equal(codes, old_codes)
+            t_changed = not torch.equal(theta, self.state.thresholds[i])
+            if not (w_changed or t_changed):
+                continue
+            ok = False
+            for _ in range(self.config.write_retries + 1):
+                if w_changed:
+                    self.device.write_weights(i, codes, scale)
+                    n += 1
+                if t_changed:
+                    self.device.write_thresholds(i, theta)
+                    n += 1
+                self.device_calls += 2 * int(w_changed) + 2 * int(t_changed)
+                ok = True
+                if w_changed:
+                    rc, rs = self.device.read_weights(i)
+                    ok &= torch.equal(rc.to(codes.dtype), codes) and float(rs) == float(scale)
+                if t_changed:
+                    ok &= torch.equal(self.device.read_thresholds(i).to(torch.float64), theta)
+                if ok:
+                    break
+            if not ok:
+                failed.append(i)
+                continue
+            self.state.weights[i], self.state.thresholds[i] = (codes, scale), theta
+            changed.append(i)
+        self.writes += n
+        self._refresh_nominal(changed)
+        if failed:
+            raise WriteVerifyError(f"write verification failed for layers {failed} after "
+                                   f"{self.config.write_retries} retries; the chip's state of those "
+                                   "layers is not the intended one", layers=failed)
+        return n
+
+    # ------------------------------------------------------------------ epochs
+    def lr_at(self, step: int, total: int) -> float:
+        if self.config.lr_schedule == "constant" or total <= 1:
+            return self.config.lr
+        return self.config.lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of an epoch: a permutation that depends only on (seed, epoch), so a
+    resumed run replays exactly the batches of an uninterrupted one."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+@torch.no_grad()
+def evaluate_device(device: TTFSDevice, net: TTFSNetwork, x: torch.Tensor, y: torch.Tensor,
+                    batch_size: int = 1000, progress: Optional[Callable[[int], None]] = None) -> dict:
+    """Accuracy, spikes per neuron and energy of the network programmed on ``device``.
+
+    Returns a dict: ``accuracy`` (fraction), ``spikes_per_neuron`` (average over all neuron
+    layers), ``spikes_per_neuron_layers``, ``energy_j_per_sample`` (joules; ``nan`` if the
+    device reports none), ``energy_j_per_sample_layers``, ``device_calls``, ``samples``.
+    """
+    info = device.info()
+    bs = max(1, min(batch_size, info.max_batch))
+    correct, spikes, energy, calls = 0, None, None, 0
+    neurons = None
+    for s in range(0, x.shape[0], bs):
+        xb = x[s:s + bs].to(torch.float64)
+        rec = device.run(net.encode(xb))
+        calls += 1
+        correct += int((rec.readout.argmax(1) == y[s:s + bs]).sum())
+        c = rec.spike_counts.to(torch.float64).sum(0)
+        spikes = c if spikes is None else spikes + c
+        if rec.energy_j is not None:
+            e = rec.energy_j.to(torch.float64).sum(0)
+            energy = e if energy is None else energy + e
+        neurons = rec.neurons_per_layer
+        if progress:
+            progress(xb.shape[0])
+    n = x.shape[0]
+    per_layer = [float(spikes[k]) / (n * neurons[k]) for k in range(len(neurons))]
+    out = {"accuracy": correct / n,
+           "spikes_per_neuron": float(spikes.sum()) / (n * sum(neurons)),
+           "spikes_per_neuron_layers": per_layer,
+           "energy_j_per_sample": float(energy.sum()) / n if energy is not None else math.nan,
+           "energy_j_per_sample_layers": [float(e) / n for e in energy] if energy is not None else [],
+           "device_calls": calls, "samples": n}
+    return out
+
+
+@torch.no_grad()
+def evaluate_net(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict:
+    """Accuracy (and spikes per neuron for a TTFS network) of a software model."""
+    correct, sp, n = 0, 0.0, x.shape[0]
+    for s in range(0, n, batch_size):
+        xb = x[s:s + batch_size]
+        if isinstance(model, TTFSNetwork):
+            xb = xb.to(model.layers[-1].weight.dtype)
+            stages, logits = model.run(model.encode(xb))
+            sp += model.spikes_per_neuron(stages)["total"] * xb.shape[0]
+        else:
+            p = next(model.parameters())
+            logits = model(xb.to(p.dtype))
+        correct += int((logits.argmax(1) == y[s:s + batch_size]).sum())
+    out = {"accuracy": correct / n}
+    if isinstance(model, TTFSNetwork):
+        out["spikes_per_neuron"] = sp / n
+    return out
