@@ -44,6 +44,10 @@ class FinetuneOptions(BaseModel):
 
     device: str = Field(default=DEFAULT_DEVICE, description="profile path, serial URL/port or VISA resource")
     chip_seed: Optional[int] = Field(default=None, description="emulator chip instance (frozen mismatch)")
+    profile_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="emulator only: profile fields to change, dotted for nested ones "
+                    "(e.g. {'weight_bits': 4, 'mismatch.synapse_gain_sd': 0.05})")
     dataset: str = Field(default="fashion-mnist", pattern="^(fashion-mnist|mnist|synthetic)$")
     data_dir: Optional[str] = None
     arch: str = Field(default="fc2", pattern="^(fc2|fc16|lenet5|vgg16)$")
@@ -135,10 +139,37 @@ def resolve_device_name(name: str) -> str:
     return name
 
 
-def open_named_device(name: str, chip_seed: Optional[int] = None):
-    from hwloop.devices.open import open_device
+def override_profile(profile, overrides: dict[str, Any]):
+    """A copy of a :class:`DeviceProfile` with dotted fields replaced, validated again
+    (:class:`ProfileError` names a bad field, its value and the allowed range)."""
+    from hwloop.devices.profile import validate_profile
+    data = profile.model_dump()
+    for key, value in overrides.items():
+        node, parts = data, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                from hwloop.errors import ProfileError
+                raise ProfileError(f"profile override {key!r}: {part!r} is not a group of fields")
+            node = node[part]
+        node[parts[-1]] = value
+    return validate_profile(data, source=f"{profile.name} with overrides {overrides}")
+
+
+def open_named_device(name: str, chip_seed: Optional[int] = None,
+                      profile_overrides: Optional[dict[str, Any]] = None):
+    """Open a device by its one string; emulator profiles may get field overrides."""
+    from hwloop.devices.open import backend_for, open_device
+    name = resolve_device_name(name)
+    if profile_overrides:
+        if backend_for(name) != "emulator":
+            from hwloop.errors import DeviceError
+            raise DeviceError(f"profile overrides need an emulator profile, not {name!r}")
+        from hwloop.devices.emulator import EmulatorDevice
+        from hwloop.devices.profile import load_profile
+        prof = override_profile(load_profile(name), profile_overrides)
+        return EmulatorDevice.from_profile(prof, chip_seed=chip_seed)
     kw = {} if chip_seed is None else {"chip_seed": chip_seed}
-    return open_device(resolve_device_name(name), **kw)
+    return open_device(name, **kw)
 
 
 def map_network(device, net: TTFSNetwork, x_train: torch.Tensor, window_percentile: Optional[float],
@@ -230,7 +261,7 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
         from hwloop.calibrate.record import load_record
         calibration = load_record(opts.calibration)
 
-    device = open_named_device(opts.device, opts.chip_seed)
+    device = open_named_device(opts.device, opts.chip_seed, opts.profile_overrides)
     try:
         shadow, state, pct = map_network(device, net, xtr, opts.window_percentile, calibration)
         info = device.info()
