@@ -23,15 +23,16 @@ from typing import Optional
 
 import torch
 
-from hwloop.devices.base import LayerSpec, NetworkSpec, TTFSDevice, WEIGHT_KINDS
-from hwloop.errors import DeviceLimitError, WriteVerifyError
+from hwloop.devices.base import LayerSpec, NetworkSpec, TTFSDevice
 from hwloop.devices.profile import default_clip_percentile
+from hwloop.errors import DeviceLimitError, WriteVerifyError
 from hwloop.quant import _quantiles, quantize_weights
 from hwloop.ttfs.layers import Flatten, NeuronLayer, Readout, SpikingConv2d, SpikingDense, SpikingMaxPool2d
 from hwloop.ttfs.network import TTFSNetwork
 
 __all__ = [
-    "ProgramState", "apply_windows", "dequantized_network", "latency_windows", "network_to_spec",
+    "ProgramState", "apply_windows", "dequantized_network", "latency_windows", "network_thresholds",
+    "network_to_spec",
     "program_network", "quantize_network", "write_network_thresholds", "write_network_weights",
 ]
 
@@ -158,7 +159,12 @@ def write_network_weights(device: TTFSDevice, net: TTFSNetwork, weight_bits: Opt
 
 def write_network_thresholds(device: TTFSDevice, net: TTFSNetwork,
                              verify: bool = True) -> dict[int, torch.Tensor]:
-    """Write theta of every neuron layer and the readout offsets; read back and verify."""
+    """Write theta of every neuron layer and the readout offsets; read back and verify.
+
+    Pass the *dequantized* network (:func:`dequantized_network`) when weights are quantised: a
+    conv input shift's contribution to the thresholds then uses the written weights. After
+    :meth:`~hwloop.devices.base.TTFSDevice.set_windows` the base thresholds change with the
+    widths (B1: base = width), so write the thresholds again."""
     written = network_thresholds(net)
     for i, v in written.items():
         device.write_thresholds(i, v)
