@@ -35,7 +35,7 @@ def test_hil_on_ideal_device_follows_software_training():
     net_hw = copy.deepcopy(net_sw)
     dev = EmulatorDevice.from_profile(IDEAL)
     state = program_network(dev, net_hw)
-    cfg = FinetuneConfig(lr=2e-3, batch_size=16, lr_schedule="constant")
+    cfg = FinetuneConfig(lr=2e-3, batch_size=16, lr_schedule="constant", label_smoothing=0.0)
     trainer = HILTrainer(dev, net_hw, state, cfg)
     opt = torch.optim.Adam(net_sw.parameters(), lr=cfg.lr)
     steps = 60

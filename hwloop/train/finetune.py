@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -202,11 +203,13 @@ def state_to_dict(state: ProgramState) -> dict:
             "weight_bits": state.weight_bits, "clip_percentile": state.clip_percentile}
 
 
-def state_from_dict(d: dict) -> ProgramState:
-    return ProgramState(spec=NetworkSpec.model_validate_json(d["spec"]),
-                        weights={int(k): (v[0], float(v[1])) for k, v in d["weights"].items()},
-                        thresholds={int(k): v for k, v in d["thresholds"].items()},
-                        weight_bits=d["weight_bits"], clip_percentile=d["clip_percentile"])
+def state_from_dict(d: dict, like: ProgramState) -> ProgramState:
+    """The saved state, keeping the class and extra fields of ``like`` (the state the mapping
+    step just made: a calibrated state keeps its compensation)."""
+    return dataclasses.replace(like, spec=NetworkSpec.model_validate_json(d["spec"]),
+                               weights={int(k): (v[0], float(v[1])) for k, v in d["weights"].items()},
+                               thresholds={int(k): v for k, v in d["thresholds"].items()},
+                               weight_bits=d["weight_bits"], clip_percentile=d["clip_percentile"])
 
 
 def reprogram(device, state: ProgramState) -> None:
@@ -284,7 +287,7 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
                                       "resume with the same options")
             shadow.load_state_dict(ck["shadow"])
             trainer.opt.load_state_dict(ck["optimizer"])
-            trainer.state = state_from_dict(ck["state"])
+            trainer.state = state_from_dict(ck["state"], state)
             trainer.nominal.load_state_dict(ck["shadow"])
             trainer._refresh_nominal()
             reprogram(device, trainer.state)

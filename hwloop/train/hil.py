@@ -43,6 +43,8 @@ class FinetuneConfig(BaseModel):
     lr_schedule: str = Field(default="cosine", pattern="^(cosine|constant)$")
     batch_size: int = Field(default=64, ge=1, le=65536)
     l1: float = Field(default=0.0, ge=0, description="activity penalty lambda (Table 2, +L1)")
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1,
+                                   description="as in the ReLU twin's default recipe")
     seed: int = Field(default=0, ge=0)
     max_steps_per_epoch: Optional[int] = Field(default=None, ge=1,
                                                description="stop each epoch early (subset)")
@@ -97,7 +99,10 @@ class HILTrainer:
                  config: FinetuneConfig):
         self.device, self.shadow, self.state, self.config = device, net, state, config
         self.weight_bits = state.weight_bits
-        self.adaptive = bool(config.adapt_windows and device.info().adaptive_windows)
+        # Eq. (8) where the device allows it; never on a calibrated chip, whose threshold
+        # compensation holds for the programmed window widths only
+        self.adaptive = bool(config.adapt_windows and device.info().adaptive_windows
+                             and getattr(state, "compensation", None) is None)
         self.opt = torch.optim.Adam(self.shadow.parameters(), lr=config.lr)
         self.nominal = copy.deepcopy(self.shadow)
         self._refresh_nominal()
@@ -110,7 +115,9 @@ class HILTrainer:
         for i in (weight_layer_indices(self.shadow) if layers is None else layers):
             dst, src = self.nominal.layers[i], self.shadow.layers[i]
             codes, scale = self.state.weights[i]
-            dst.weight.copy_(codes.to(torch.float64) * scale)
+            # a calibrated state knows the weights the chip really applies (hwloop.calibrate)
+            eff = getattr(self.state, "effective_weight", None)
+            dst.weight.copy_(eff(i, codes, scale) if eff else codes.to(torch.float64) * scale)
             if isinstance(src, Readout):
                 dst.bias.copy_(src.bias)
             else:
@@ -128,7 +135,7 @@ class HILTrainer:
         record = self.device.run(t_in)
         self.device_calls += 1
         logits = record.readout.to(torch.float64).detach().requires_grad_(True)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
         (glog,) = torch.autograd.grad(loss, logits)
         grads = backward_from_spike_times(self.nominal, record.spike_times, glog, l1=self.config.l1)
         self.opt.zero_grad(set_to_none=True)

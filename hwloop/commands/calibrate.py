@@ -1,0 +1,75 @@
+"""``hwloop calibrate``: measure a chip's frozen mismatch and write its calibration record
+(:mod:`hwloop.calibrate`, docs/calibration.md).
+
+A record is measured for a topology (layer kinds and shapes, not windows): the network that
+will run, given as ``--arch`` on ``--dataset``'s input shape (fc2 on fashion-mnist by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "calibrate",
+        help="measure a chip's frozen mismatch (probes) and write calibration/<device-id>.json",
+        description=(
+            "Program probe networks through the device interface (threshold sweeps with zero "
+            "weights at several window widths, one-hot and relayed synapse probes), fit per "
+            "neuron its slope, delay and threshold offset and per synapse its gain, estimate the "
+            "random jitter from repeats, and write a hash-protected JSON record. The record "
+            "belongs to one chip (device id) and one topology: --arch on --dataset's input "
+            "shape. Use it with `hwloop finetune --calibration FILE` or `hwloop evaluate "
+            "--calibration FILE`."),
+    )
+    p.add_argument("--device", default="devices/emulator-mismatch.yaml",
+                   help="profile path (emulator), serial URL/port, or VISA resource")
+    p.add_argument("--chip-seed", type=int, default=None, help="emulator chip instance (frozen mismatch)")
+    p.add_argument("--arch", default="fc2", choices=("fc2", "fc16", "lenet5", "vgg16"),
+                   help="topology to calibrate for (default fc2)")
+    p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "synthetic"),
+                   help="input shape and classes of the topology (default fashion-mnist)")
+    p.add_argument("--out", default=None, help="record path (default calibration/<device-id>.json)")
+    p.add_argument("--repeats", type=int, default=16, help="repeats per probe setting (default 16)")
+    p.add_argument("--levels", type=int, default=12, help="threshold levels per width (default 12)")
+    p.add_argument("--widths", default="2,8,32",
+                   help="window widths of the threshold sweep, tau_c, comma separated (default 2,8,32)")
+    p.add_argument("--no-synapse-gains", action="store_true",
+                   help="skip the synapse probes (per-neuron slope/delay/offset only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe patterns")
+    p.add_argument("--json", action="store_true", help="print the record summary as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hwloop.calibrate.fit import (CalibrationOptions, calibrate_device, default_record_path,
+                                      spec_for_arch)
+    from hwloop.calibrate.record import save_record
+    from hwloop.errors import DataError
+    from hwloop.train.finetune import open_named_device
+
+    try:
+        widths = tuple(float(w) for w in str(args.widths).split(",") if w.strip())
+    except ValueError:
+        raise DataError(f"--widths must be comma-separated numbers, got {args.widths!r}") from None
+    spec = spec_for_arch(args.arch, args.dataset)
+    opts = CalibrationOptions(repeats=args.repeats, levels=args.levels, widths=widths,
+                              synapse_gains=not args.no_synapse_gains, seed=args.seed, log=print)
+    with open_named_device(args.device, args.chip_seed) as dev:
+        rec = calibrate_device(dev, spec, opts, arch=args.arch, chip_seed=args.chip_seed)
+    out = args.out or default_record_path(rec.device_id)
+    h = save_record(out, rec)
+    s = rec.summary()
+    print(f"device {rec.device_id}: {rec.device_runs} runs, {rec.samples} samples, "
+          f"{rec.wall_time_s:.1f} s; random jitter SD {rec.jitter_sd:.4g} +- {rec.jitter_sd_se:.2g} tau_c")
+    for row in s["layers"]:
+        fields = ", ".join(f"{k} {v}" for k, v in row.items()
+                           if k not in ("index", "kind", "neurons", "residual_rms"))
+        print(f"  layer {row['index']} {row['kind']} ({row['neurons']}): {fields}; "
+              f"residual RMS {row['residual_rms']}")
+    print(f"record: {out} (sha256 {h[:16]}...)")
+    if args.json:
+        print(json.dumps(s, indent=2, default=float))
+    return 0

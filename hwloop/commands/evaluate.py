@@ -1,0 +1,144 @@
+"""``hwloop evaluate``: accuracy, spikes per neuron and energy of a network on a device,
+optionally compensated with a calibration record (docs/calibration.md).
+
+The network is either the converted ReLU twin (trained, or loaded from the model cache, as by
+``hwloop finetune``; its windows shrunk to the profile's percentile) or the weights a
+fine-tuning run saved (``--weights runs/.../final_weights.pt``, windows as saved). Weights from a
+run that used a calibration record (its ``report.json`` says so) are already in the chip's
+device domain: they are programmed as they are, and ``--calibration`` is not applied again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a network on a device (accuracy, spikes per neuron, energy), optionally calibrated",
+        description=(
+            "Map the converted ReLU twin (or saved fine-tuned weights) onto the device, with "
+            "--calibration compensated for the chip's frozen mismatch, run the test set and "
+            "print accuracy, spikes per neuron and energy per inference."),
+    )
+    p.add_argument("--device", default="devices/emulator-mismatch.yaml",
+                   help="profile path (emulator), serial URL/port, or VISA resource")
+    p.add_argument("--chip-seed", type=int, default=None, help="emulator chip instance (frozen mismatch)")
+    p.add_argument("--calibration", default=None, help="calibration record to compensate with")
+    p.add_argument("--weights", default=None,
+                   help="final_weights.pt of a fine-tuning run (default: the converted ReLU twin)")
+    p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "synthetic"))
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--arch", default="fc2", choices=("fc2", "fc16", "lenet5", "vgg16"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the ReLU twin (model cache key)")
+    p.add_argument("--pretrain-epochs", type=int, default=None)
+    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--test-subset", type=int, default=None, help="use the first N test images")
+    p.add_argument("--window-percentile", type=float, default=None,
+                   help="windows hold this percentile of activations (default: the profile's)")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--json", action="store_true", help="print the result as JSON too")
+    p.set_defaults(func=run)
+
+
+def weights_are_device_domain(weights: str) -> Optional[str]:
+    """The calibration path recorded by the run that saved ``weights`` (its report.json beside
+    it), or None when that run used none (or no report is found)."""
+    rep = Path(weights).with_name("report.json")
+    try:
+        data = json.loads(rep.read_text())
+    except (OSError, ValueError):
+        return None
+    cal = (data.get("provenance") or {}).get("calibration")
+    return cal.get("path") if isinstance(cal, dict) else (cal or None)
+
+
+def evaluate_on_device(device: str, chip_seed: Optional[int] = None, calibration: Optional[str] = None,
+                       weights: Optional[str] = None, dataset: str = "fashion-mnist",
+                       data_dir: Optional[str] = None, arch: str = "fc2", seed: int = 0,
+                       pretrain_epochs: Optional[int] = None, train_subset: Optional[int] = None,
+                       test_subset: Optional[int] = None, window_percentile: Optional[float] = None,
+                       batch_size: int = 1000, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate on a device; returns a dict with ``device`` (see
+    :func:`hwloop.train.hil.evaluate_device`), ``ideal_snn`` accuracy, and what was programmed."""
+    import torch
+
+    from hwloop.calibrate.compensate import program_calibrated
+    from hwloop.calibrate.record import load_record
+    from hwloop.mapping import program_network
+    from hwloop.train.finetune import (FinetuneOptions, load_data, map_network, open_named_device,
+                                       relu_twin)
+    from hwloop.train.hil import FinetuneConfig, evaluate_device, evaluate_net
+    from hwloop.ttfs import convert
+
+    opts = FinetuneOptions(device=device, chip_seed=chip_seed, dataset=dataset, data_dir=data_dir,
+                           arch=arch, pretrain_epochs=pretrain_epochs, train_subset=train_subset,
+                           test_subset=test_subset, window_percentile=window_percentile,
+                           finetune=FinetuneConfig(seed=seed), progress=False)
+    data = load_data(opts)
+    xtr, ytr, xte, yte = data
+    relu, _ = relu_twin(opts, data, log)
+    net = convert(relu, xtr[:2000].to(torch.float64), dtype=torch.float64)
+    rec = load_record(calibration) if calibration else None
+    mode = "calibrated" if rec is not None else "uncalibrated"
+    with open_named_device(device, chip_seed) as dev:
+        if weights:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+            net.load_state_dict(sd.get("shadow", sd) if isinstance(sd, dict) else sd)
+            ideal = net
+            run_cal = weights_are_device_domain(weights)
+            prof = getattr(dev, "profile", None)
+            clip = getattr(prof, "weight_clip_percentile", None)
+            if run_cal:
+                if rec is not None:
+                    log(f"note: {weights} was fine-tuned with calibration {run_cal}: its weights are "
+                        "already compensated; --calibration is not applied again")
+                mode = f"fine-tuned with calibration {run_cal} (device-domain weights)"
+                program_network(dev, net, clip_percentile=clip)
+                rec = None
+            elif rec is not None:
+                program_calibrated(dev, net, rec, clip_percentile=clip)
+            else:
+                program_network(dev, net, clip_percentile=clip)
+            shadow = net
+        else:
+            import copy
+            ideal = copy.deepcopy(net)
+            shadow, _, _ = map_network(dev, net, xtr, window_percentile, rec)
+        info = dev.info()
+        res = evaluate_device(dev, shadow, xte, yte, batch_size)
+    ideal_res = evaluate_net(ideal, xte, yte) if not weights else None
+    return {"device_id": info.device_id, "mode": mode, "dataset": dataset, "arch": arch,
+            "n_test": int(xte.shape[0]), "device": res,
+            "ideal_snn": ideal_res, "calibration": calibration, "weights": weights}
+
+
+def _fmt_j(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    for unit, f in (("nJ", 1e-9), ("pJ", 1e-12), ("fJ", 1e-15)):
+        if abs(v) >= f:
+            return f"{v / f:.3f} {unit}"
+    return f"{v:.3e} J"
+
+
+def run(args: argparse.Namespace) -> int:
+    out = evaluate_on_device(args.device, args.chip_seed, args.calibration, args.weights, args.dataset,
+                             args.data_dir, args.arch, args.seed, args.pretrain_epochs,
+                             args.train_subset, args.test_subset, args.window_percentile,
+                             args.batch_size)
+    d = out["device"]
+    print(f"device {out['device_id']} ({out['mode']}), {out['arch']} on {out['dataset']}, "
+          f"{out['n_test']} test images")
+    if out["ideal_snn"] is not None:
+        print(f"  ideal SNN (software)  accuracy {100 * out['ideal_snn']['accuracy']:.2f} %")
+    print(f"  device                accuracy {100 * d['accuracy']:.2f} %, spikes/neuron "
+          f"{d['spikes_per_neuron']:.3f}, energy/inference {_fmt_j(d['energy_j_per_sample'])}")
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+    return 0
