@@ -70,7 +70,11 @@ def measure(arch: str, batch: int, seconds: float) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0, help="measuring time per point, s")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's); 1 is steadier on a busy machine")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = [measure(a, b, args.seconds) for a in ("fc2", "lenet5") for b in (8, 128)]
     print(json.dumps({"bench": "train_speed", "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "cpu": platform.processor() or platform.machine(), "goal_ratio": 1.1,

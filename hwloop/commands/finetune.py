@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--pretrain-epochs", type=int, default=None,
                    help="epochs of the ReLU twin (default: the recipe's, 30)")
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--l1", type=float, default=0.0, help="activity penalty (paper Table 2, +L1)")
     p.add_argument("--seed", type=int, default=0)

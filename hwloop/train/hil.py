@@ -39,7 +39,7 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(default=3, ge=0, description="epochs of fine-tuning")
-    lr: float = Field(default=1e-4, gt=0, le=1.0, description="Adam learning rate")
+    lr: float = Field(default=3e-4, gt=0, le=1.0, description="Adam learning rate")
     lr_schedule: str = Field(default="cosine", pattern="^(cosine|constant)$")
     batch_size: int = Field(default=64, ge=1, le=65536)
     l1: float = Field(default=0.0, ge=0, description="activity penalty lambda (Table 2, +L1)")
