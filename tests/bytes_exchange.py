@@ -34,6 +34,21 @@ def err(seq: int, code: int, message: str) -> bytes:
     return rep(seq, P.Cmd.ERROR, P.error_payload(code, message))
 
 
+def pending(seq: int, cmd: int) -> bytes:
+    """The chip's PENDING frame: the request arrived and is being executed."""
+    return rep(seq, cmd, b"", P.Flag.PENDING)
+
+
+def nak(reason: int = P.NakReason.CRC) -> bytes:
+    """The chip's NAK of a damaged frame (seq 0)."""
+    return rep(0, P.Cmd.NAK, P.NAK_PAYLOAD.pack(int(reason)))
+
+
+def resend(seq: int, indices) -> bytes:
+    """The host's RESEND of the chunks ``indices`` of the reply to ``seq``."""
+    return req(seq, P.Cmd.RESEND, P.resend_payload(indices))
+
+
 class ScriptedPort:
     """A fake serial port that answers scripted requests with scripted replies."""
 
@@ -98,10 +113,13 @@ class ScriptedPort:
 
 
 def hello_exchange(info, seq: int = 1, chunk_bytes: int = 4096,
-                   time_formats=(P.TIME_TICKS, P.TIME_F64)) -> tuple[bytes, bytes]:
-    """The opening step: a resync 0x00, then HELLO, and the chip's reply."""
-    request = P.DELIMITER + req(seq, P.Cmd.HELLO, P.HELLO_REQ.pack(P.PROTOCOL_VERSION,
-                                                                  chunk_bytes))
+                   time_formats=(P.TIME_TICKS, P.TIME_F64),
+                   reply_chunk_bytes=None) -> tuple[bytes, bytes]:
+    """The opening step: a resync 0x00, then HELLO (asking for reply chunks of
+    ``reply_chunk_bytes``, by default ``min(chunk_bytes, 1024)`` as SerialDevice does), and the
+    chip's reply."""
+    want = reply_chunk_bytes or min(chunk_bytes, 1024)
+    request = P.DELIMITER + req(seq, P.Cmd.HELLO, P.HELLO_REQ.pack(P.PROTOCOL_VERSION, want))
     reply = rep(seq, P.Cmd.HELLO, P.HELLO_REPLY.pack(P.PROTOCOL_VERSION) +
                 P.dumps(P.hello_json(info.model_dump(mode="json"), list(time_formats))))
     return request, reply

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from hwloop.devices.server import ChipCore, FrameSession, ScpiSession
 from hwloop.errors import (DeviceError, DeviceLimitError, DeviceTimeout, ProtocolError,
                            WriteVerifyError)
 
-from bytes_exchange import ScriptedPort, err, hello_exchange, rep, req
+from bytes_exchange import ScriptedPort, err, hello_exchange, nak, pending, rep, req, resend
 from fakes import FakeB1Device, fake_info, grid_inputs, random_params, small_spec
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
@@ -56,7 +57,7 @@ def test_cobs_known_vectors():
 def test_frame_round_trip_and_layout():
     f = Frame(seq=0xBEEF, cmd=P.Cmd.RUN_BATCH, flags=P.Flag.F64_TIMES, payload=b"\x00\x01xyz")
     raw = frame_raw(f)
-    assert raw[:P.HEADER_SIZE] == bytes([1, 0xEF, 0xBE, 0x30, 0x10, 5, 0, 0, 0])
+    assert raw[:P.HEADER_SIZE] == bytes([2, 0xEF, 0xBE, 0x30, 0x10, 5, 0, 0, 0])
     assert raw[-4:] == struct.pack("<I", zlib.crc32(raw[:-4]))
     wire = encode_frame(f)
     assert wire.endswith(b"\x00") and 0 not in wire[:-1]
@@ -164,6 +165,10 @@ def test_worked_examples_match_docs():
     assert _doc_hex("weights-crc-reply") == reply
     assert _doc_hex("error-reply") == encode_frame(Frame(
         8, P.Cmd.ERROR, P.Flag.REPLY, P.error_payload(P.Err.NOT_PROGRAMMED, "no network")))
+    assert _doc_hex("nak") == nak(P.NakReason.CRC)
+    assert _doc_hex("resend") == resend(9, [3, 17])
+    assert _doc_hex("pending") == pending(9, P.Cmd.RUN_BATCH)
+    assert f"version {P.PROTOCOL_VERSION}" in DOC.read_text().splitlines()[0]
 
 
 def test_docs_list_every_command_and_error():
@@ -371,7 +376,8 @@ def test_run_batch_chunked_reply(f64):
 
 ERROR_CLASSES = {P.Err.LIMIT: DeviceLimitError, P.Err.UNKNOWN_COMMAND: ProtocolError,
                  P.Err.BAD_PAYLOAD: ProtocolError, P.Err.VERSION: ProtocolError,
-                 P.Err.CHUNK: ProtocolError, P.Err.TOO_LARGE: ProtocolError}
+                 P.Err.CHUNK: ProtocolError, P.Err.TOO_LARGE: ProtocolError,
+                 P.Err.NO_REPLY: ProtocolError}
 
 
 @pytest.mark.parametrize("code", list(P.Err))
@@ -406,6 +412,160 @@ def test_corrupted_reply_triggers_fast_retry_and_stale_frames_are_ignored():
     assert dev.health["crc_errors"] == 1 and dev.health["retries"] == 1
     assert dev.health["stale_frames"] == 1 and dev.health["resyncs"] == 1
     assert dev.health["timeouts"] == 0
+    port.assert_done()
+
+
+def test_nak_triggers_an_immediate_identical_resend():
+    # the chip NAKs a damaged copy of the request: the host sends the same bytes again at once,
+    # long before its (here 5 s) timeout or its ack_timeout
+    r = req(2, P.Cmd.STATUS)
+    dev, port = _open([(r, nak(P.NakReason.COBS)),
+                       (r, rep(2, P.Cmd.STATUS, b'{"programmed":false}'))], timeout=5.0)
+    t0 = time.monotonic()
+    assert dev.status() == {"programmed": False}
+    assert time.monotonic() - t0 < 0.1
+    assert dev.health["naks"] == 1 and dev.health["retries"] == 1
+    assert dev.health["timeouts"] == 0
+    port.assert_done()
+
+
+def test_nak_after_the_reply_started_is_ignored():
+    # a NAK that arrives after a frame of this transaction concerns an older frame
+    r = req(2, P.Cmd.PROGRAM, SPEC.model_dump_json().encode())
+    dev, port = _open([(r, pending(2, P.Cmd.PROGRAM) + nak() + rep(2, P.Cmd.PROGRAM))],
+                      timeout=5.0)
+    dev.program(SPEC)
+    assert dev.health["naks"] == 1 and dev.health["retries"] == 0
+    port.assert_done()
+
+
+def test_lost_request_is_resent_after_ack_timeout_not_the_full_timeout():
+    r = req(2, P.Cmd.STATUS)
+    dev, port = _open([(r, b""), (r, rep(2, P.Cmd.STATUS, b'{"programmed":false}'))],
+                      timeout=5.0, ack_timeout=0.05)
+    t0 = time.monotonic()
+    assert dev.status() == {"programmed": False}
+    assert time.monotonic() - t0 < 1.0
+    assert dev.health["nudges"] == 1 and dev.health["retries"] == 1
+    assert dev.health["timeouts"] == 0
+    port.assert_done()
+
+
+def test_pending_heartbeats_hold_off_resends_during_a_long_command():
+    # PENDING frames keep coming (here all at once, then a quiet stretch shorter than the
+    # transaction timeout): no resend, no RESEND, just the reply
+    x = grid_inputs(SPEC, 2)
+    ref, body = _record_bytes(x, True, 256.0)
+    payload = P.RUN_REQ.pack(2, 6) + x.reshape(2, -1).numpy().astype("<f8").tobytes()
+    status = {"programmed": True, "spec": json.loads(SPEC.model_dump_json())}
+
+    class SlowPort(ScriptedPort):
+        """After the RUN_BATCH request: a PENDING every 20 ms for 0.3 s, then the reply."""
+
+        def read(self, size=1):
+            if self.step == len(self.script) and not self.rx and self.t_done is not None:
+                now = time.monotonic()
+                if now - self.t_done >= 0.3:
+                    self.rx += final
+                    self.t_done = None
+                elif now - self.t_beat >= 0.02:
+                    self.rx += pending(3, P.Cmd.RUN_BATCH)
+                    self.t_beat = now
+            return super().read(size)
+
+        def write(self, data):
+            n = super().write(data)
+            if self.step == len(self.script):
+                self.t_done = self.t_beat = time.monotonic()
+            return n
+
+    final = rep(3, P.Cmd.RUN_BATCH, body, P.Flag.F64_TIMES)
+    port = SlowPort([hello_exchange(INFO),
+                     (req(2, P.Cmd.STATUS), rep(2, P.Cmd.STATUS, P.dumps(status))),
+                     (req(3, P.Cmd.RUN_BATCH, payload, P.Flag.F64_TIMES),
+                      pending(3, P.Cmd.RUN_BATCH))])
+    port.t_done = None
+    dev = SerialDevice("scripted://", port=port, timeout=2.0, ack_timeout=0.05)
+    rec = dev.run(x)
+    assert torch.equal(rec.readout, ref.readout)
+    assert dev.health["retries"] == dev.health["resends"] == dev.health["nudges"] == 0
+    port.assert_done()
+
+
+def _damage(frame: bytes) -> bytes:
+    raw = bytearray(cobs_decode(frame[:-1]))
+    raw[-6] ^= 0x01
+    return cobs_encode(bytes(raw)) + b"\x00"
+
+
+def test_missing_and_damaged_chunks_are_asked_for_by_index():
+    # a 6-chunk reply: chunk 1 damaged, chunk 3 dropped. When the last chunk arrives the host
+    # asks for exactly 1 and 3 (RESEND, same seq), and the chip sends only those
+    x = grid_inputs(SPEC, 6)
+    ref, body = _record_bytes(x, True, 256.0)
+    payload = P.RUN_REQ.pack(6, 6) + x.reshape(6, -1).numpy().astype("<f8").tobytes()
+    parts = split_chunks(body, 256 - P.CHUNK_HEADER.size)
+    assert len(parts) >= 6
+    frames = [rep(3, P.Cmd.RUN_BATCH, q, P.Flag.CHUNKED | P.Flag.F64_TIMES) for q in parts]
+    first = [pending(3, P.Cmd.RUN_BATCH)] + [
+        _damage(f) if i == 1 else b"" if i == 3 else f for i, f in enumerate(frames)]
+    status = {"programmed": True, "spec": json.loads(SPEC.model_dump_json())}
+    big = 1 << 16  # requests in one frame, replies in 256-byte chunks
+    port = ScriptedPort([hello_exchange(INFO, chunk_bytes=big, reply_chunk_bytes=256),
+                         (req(2, P.Cmd.STATUS), rep(2, P.Cmd.STATUS, P.dumps(status))),
+                         (req(3, P.Cmd.RUN_BATCH, payload, P.Flag.F64_TIMES), b"".join(first)),
+                         (resend(3, [1, 3]), frames[1] + frames[3])])
+    dev = SerialDevice("scripted://", port=port, timeout=5.0, chunk_bytes=big,
+                       reply_chunk_bytes=256)
+    t0 = time.monotonic()
+    rec = dev.run(x)
+    assert time.monotonic() - t0 < 0.5
+    assert torch.equal(rec.readout, ref.readout)
+    for a, b in zip(rec.spike_times, ref.spike_times):
+        assert torch.equal(a, b)
+    assert dev.health["resends"] == 1 and dev.health["retries"] == 0
+    assert dev.health["crc_errors"] == 1
+    port.assert_done()
+
+
+def test_lost_tail_is_asked_for_after_a_quiet_spell_and_a_lost_resend_is_repeated():
+    # the last chunk never comes: after RESEND_IDLE_S of quiet the host asks for it; that RESEND
+    # arrives damaged (NAK) and is sent again at once
+    body = P.dumps({"programmed": False, "pad": "x" * 700})
+    parts = split_chunks(body, 256 - P.CHUNK_HEADER.size)
+    frames = [rep(2, P.Cmd.STATUS, q, P.Flag.CHUNKED) for q in parts]
+    n = len(frames)
+    assert n >= 3
+    dev, port = _open([(req(2, P.Cmd.STATUS), b"".join(frames[:-1])),
+                       (resend(2, [n - 1]), nak()),
+                       (resend(2, [n - 1]), frames[-1])], timeout=5.0, chunk_bytes=256)
+    t0 = time.monotonic()
+    assert dev.status()["pad"] == "x" * 700
+    assert time.monotonic() - t0 < 0.5
+    assert dev.health["resends"] == 2 and dev.health["naks"] == 1
+    assert dev.health["retries"] == 0 and dev.health["timeouts"] == 0
+    port.assert_done()
+
+
+def test_damaged_single_frame_reply_after_pending_is_asked_for_with_resend():
+    # PENDING says the chip holds the request: a damaged reply is fetched with RESEND [0] from
+    # the cache, not by sending (and possibly executing) the request again
+    r = req(2, P.Cmd.PROGRAM, SPEC.model_dump_json().encode())
+    good = rep(2, P.Cmd.PROGRAM)
+    dev, port = _open([(r, pending(2, P.Cmd.PROGRAM) + _damage(good)), (resend(2, [0]), good)],
+                      timeout=5.0)
+    dev.program(SPEC)
+    assert dev.health["resends"] == 1 and dev.health["retries"] == 0
+    port.assert_done()
+
+
+def test_resend_answered_with_no_reply_is_a_protocol_error():
+    r = req(2, P.Cmd.PROGRAM, SPEC.model_dump_json().encode())
+    dev, port = _open([(r, pending(2, P.Cmd.PROGRAM) + _damage(rep(2, P.Cmd.PROGRAM))),
+                       (resend(2, [0]), err(2, P.Err.NO_REPLY, "no cached reply for seq 2"))],
+                      timeout=5.0)
+    with pytest.raises(ProtocolError, match="NO_REPLY"):
+        dev.program(SPEC)
     port.assert_done()
 
 
@@ -496,6 +656,71 @@ def test_session_replays_a_retried_write_instead_of_applying_it_twice():
                P.WRITE_WEIGHTS_HDR.pack(0, 0, 30, 2.0) + np.ones(30, "<i2").tobytes())
     s.handle(w2)
     assert fake.calls.count("write_weights 0") == 2
+
+
+def test_session_resend_answers_from_the_cache_without_executing():
+    s, fake = _session()
+    s.reply_payload = 64  # small reply chunks
+    _one(s, Frame(1, P.Cmd.PROGRAM, 0, SPEC.model_dump_json().encode()))
+    st = Frame(2, P.Cmd.STATUS, 0, b"")
+    frames = s.handle(st)
+    assert len(frames) > 3
+    runs_before = fake.calls[:]
+    again = s.handle(Frame(2, P.Cmd.RESEND, 0, P.resend_payload([3, 1, 3])))
+    assert again == [frames[3], frames[1]]  # in the order asked, duplicates once
+    assert fake.calls == runs_before and s.stats["resends"] == 1
+    # a single-frame reply is sent whole, whatever the indices
+    assert s.handle(Frame(1, P.Cmd.RESEND, 0, P.resend_payload([5]))) == \
+        s.handle(Frame(1, P.Cmd.PROGRAM, 0, SPEC.model_dump_json().encode()))
+    # errors: index beyond the reply, unknown seq, bad counts (bounded before use)
+    f = _one(s, Frame(2, P.Cmd.RESEND, 0, P.resend_payload([len(frames)])))
+    assert f.seq == 2 and P.parse_error_payload(f.payload)[0] == P.Err.CHUNK
+    f = _one(s, Frame(77, P.Cmd.RESEND, 0, P.resend_payload([0])))
+    assert f.seq == 77 and P.parse_error_payload(f.payload)[0] == P.Err.NO_REPLY
+    for bad in (b"", P.RESEND_HDR.pack(0), P.RESEND_HDR.pack(3) + b"\x00\x00",
+                P.RESEND_HDR.pack(0xFFFF) + b"\x00" * (2 * 0xFFFF)):
+        f = _one(s, Frame(2, P.Cmd.RESEND, 0, bad))
+        assert P.parse_error_payload(f.payload)[0] == P.Err.BAD_PAYLOAD
+    with pytest.raises(ValueError):
+        P.resend_payload(range(P.MAX_RESEND + 1))
+    # the cache forgets the oldest requests, and RESEND with them
+    for seq in range(3, 3 + s.cache_size):
+        s.handle(Frame(seq, P.Cmd.STATUS, 0, b""))
+    f = _one(s, Frame(2, P.Cmd.RESEND, 0, P.resend_payload([0])))
+    assert P.parse_error_payload(f.payload)[0] == P.Err.NO_REPLY
+
+
+def test_session_naks_damaged_frames_and_signals_pending():
+    s, fake = _session()
+    reader = FrameReader()
+    raw = bytearray(frame_raw(Frame(1, P.Cmd.STATUS, 0, b"")))
+    raw[3] ^= 0x10
+    wire = cobs_encode(bytes(raw)) + b"\x00" + b"\x05\x01\x00" + b"\x02" * 10 + b"\x00"
+    faults = [e for e in reader.feed(wire) if isinstance(e, FrameFault)]
+    naks = [decode_frame(s.nak(e)) for e in faults]
+    assert [n.payload[0] for n in naks] == [P.NakReason.CRC, P.NakReason.COBS,
+                                            P.NakReason.LENGTH]
+    assert all(n.seq == 0 and n.cmd == P.Cmd.NAK and n.flags == P.Flag.REPLY for n in naks)
+    # a long command runs inside busy(); a quick one does not
+    seen = []
+
+    class Busy:
+        def __init__(self, seq, cmd):
+            seen.append((seq, P.Cmd(cmd).name))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    s.handle(Frame(2, P.Cmd.PROGRAM, 0, SPEC.model_dump_json().encode()), Busy)
+    s.handle(Frame(3, P.Cmd.STATUS, 0, b""), Busy)
+    s.handle(Frame(4, P.Cmd.RUN_BATCH, P.Flag.F64_TIMES,
+                   P.RUN_REQ.pack(1, 6) + np.zeros(6, "<f8").tobytes()), Busy)
+    s.handle(Frame(4, P.Cmd.RUN_BATCH, P.Flag.F64_TIMES,
+                   P.RUN_REQ.pack(1, 6) + np.zeros(6, "<f8").tobytes()), Busy)  # cache hit
+    assert seen == [(2, "PROGRAM"), (4, "RUN_BATCH")]
 
 
 def test_session_staged_partial_writes_commit_once():

@@ -12,6 +12,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Union
 
+import numpy as np
+
 from hwloop.devices import protocol as P
 from hwloop.errors import ProtocolError
 
@@ -21,16 +23,27 @@ def cobs_encode(data: bytes) -> bytes:
 
     Each zero-free run of the input becomes ``len+1`` followed by the run; runs of 254 bytes are
     emitted as code 0xFF (no implied zero) and the rest continues in the next block.
+    Vectorised: the zeros are dropped and one code byte is inserted where each block starts.
     """
-    out = bytearray()
-    for seg in bytes(data).split(b"\x00"):
-        while len(seg) >= 254:
-            out.append(255)
-            out += seg[:254]
-            seg = seg[254:]
-        out.append(len(seg) + 1)
-        out += seg
-    return bytes(out)
+    buf = np.frombuffer(bytes(data), np.uint8)
+    n = buf.size
+    zeros = np.flatnonzero(buf == 0)
+    starts = np.concatenate(([0], zeros + 1))          # segment starts in data
+    lens = np.concatenate((zeros, [n])) - starts        # segment lengths
+    k = lens // 254 + 1                                 # code bytes per segment
+    body = buf[buf != 0] if zeros.size else buf
+    base = starts - np.arange(starts.size)              # segment start in zero-free data
+    if int(k.max()) == 1:
+        idx, codes = base, (lens + 1)
+    else:
+        seg = np.repeat(np.arange(starts.size), k)
+        first = np.cumsum(k) - k
+        j = np.arange(seg.size) - first[seg]
+        idx = base[seg] + 254 * j
+        last = j == k[seg] - 1
+        codes = np.where(last, lens[seg] - 254 * j + 1, 255)
+    out = np.insert(body, idx, codes.astype(np.uint8))
+    return out.tobytes()
 
 
 def cobs_decode(data: bytes) -> bytes:
@@ -39,23 +52,32 @@ def cobs_decode(data: bytes) -> bytes:
     Raises:
         ProtocolError: a zero byte inside, or a code that runs past the end.
     """
-    out = bytearray()
-    i, n = 0, len(data)
+    data = bytes(data)
+    n = len(data)
+    if data.find(0) >= 0:
+        raise ProtocolError(f"COBS: zero byte at offset {data.find(0)}")
+    pos = []
+    i = 0
+    append = pos.append
     while i < n:
-        code = data[i]
-        if code == 0:
-            raise ProtocolError(f"COBS: zero byte at offset {i}")
-        end = i + code
-        if end > n:
-            raise ProtocolError(f"COBS: block at offset {i} runs past the end ({code} > {n - i})")
-        block = data[i + 1:end]
-        if 0 in block:
-            raise ProtocolError("COBS: zero byte inside a block")
-        out += block
-        i = end
-        if code < 255 and i < n:
-            out.append(0)
-    return bytes(out)
+        append(i)
+        i += data[i]
+    if i != n:
+        raise ProtocolError(f"COBS: block at offset {pos[-1]} runs past the end "
+                            f"({data[pos[-1]]} > {n - pos[-1]})")
+    if not pos:
+        return b""
+    buf = np.frombuffer(data, np.uint8).copy()
+    p = np.asarray(pos)
+    codes = buf[p]
+    # each code byte after the first becomes the zero implied by the previous block
+    # (when that block's code was < 255) or disappears
+    keep = np.ones(n, bool)
+    keep[0] = False
+    later = p[1:]
+    buf[later] = 0
+    keep[later[codes[:-1] == 255]] = False
+    return buf[keep].tobytes()
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ import numpy as np
 # ------------------------------------------------------------------------------------------------
 
 #: Version byte of every frame; a chip answers frames of another version with ``Err.VERSION``.
-PROTOCOL_VERSION = 1
+#: Version 2 added RESEND, NAK, the PENDING flag and the NO_REPLY error (docs/protocol.md).
+PROTOCOL_VERSION = 2
 
 #: version u8, seq u16, cmd u8, flags u8, payload_len u32.
 HEADER = struct.Struct("<BHBBI")
@@ -79,6 +80,8 @@ class Cmd(enum.IntEnum):
     STATUS = 0x03
     RESET = 0x04
     SEED_NOISE = 0x05
+    #: Ask again for chunks of a cached reply (selective resend); never executes anything.
+    RESEND = 0x06
     WRITE_WEIGHTS = 0x10
     READ_WEIGHTS = 0x11
     WEIGHTS_CRC = 0x12
@@ -86,6 +89,8 @@ class Cmd(enum.IntEnum):
     READ_THRESHOLDS = 0x19
     SET_WINDOWS = 0x20
     RUN_BATCH = 0x30
+    #: (chip only) a frame arrived damaged; ``seq`` 0, payload ``reason u8``.
+    NAK = 0x7E
     ERROR = 0x7F
 
 
@@ -103,6 +108,9 @@ class Flag(enum.IntFlag):
     WIDE = 0x08
     #: RUN_BATCH: spike times are float64 tau_c (else uint32 clock ticks).
     F64_TIMES = 0x10
+    #: On a reply frame with empty payload: the request arrived intact and is being executed;
+    #: the reply follows (repeated every ``PENDING_INTERVAL_S`` while the chip works).
+    PENDING = 0x20
 
 
 class Err(enum.IntEnum):
@@ -113,6 +121,7 @@ class Err(enum.IntEnum):
     VERSION = 0x0003
     CHUNK = 0x0004
     TOO_LARGE = 0x0005
+    NO_REPLY = 0x0006
     NOT_PROGRAMMED = 0x0010
     LIMIT = 0x0011
     RANGE = 0x0012
@@ -124,7 +133,29 @@ class Err(enum.IntEnum):
 #: Error codes a host maps to :class:`hwloop.errors.ProtocolError` (the others map to
 #: ``DeviceError``, and ``LIMIT`` to ``DeviceLimitError``).
 PROTOCOL_ERRORS = frozenset({Err.UNKNOWN_COMMAND, Err.BAD_PAYLOAD, Err.VERSION, Err.CHUNK,
-                             Err.TOO_LARGE})
+                             Err.TOO_LARGE, Err.NO_REPLY})
+
+
+class NakReason(enum.IntEnum):
+    """The ``reason u8`` payload of a NAK: why the chip threw a piece of the stream away."""
+
+    CRC = 1  # decoded, but the CRC does not match
+    COBS = 2  # not valid COBS
+    LENGTH = 3  # shorter than a header, or a length field that disagrees / is out of bounds
+    OVERFLOW = 4  # more than MAX_ENCODED bytes without a delimiter
+
+
+#: NAK payload: reason u8 (:class:`NakReason`).
+NAK_PAYLOAD = struct.Struct("<B")
+#: RESEND request: number of chunk indices u16, then that many chunk indices u16.
+RESEND_HDR = struct.Struct("<H")
+#: Most chunk indices one RESEND may name.
+MAX_RESEND = 1024
+#: A chip that works on a request longer than this sends a PENDING frame at once and again
+#: every PENDING_INTERVAL_S until the reply is ready, s.
+PENDING_INTERVAL_S = 0.02
+#: Commands for which the virtual chip sends PENDING (a real chip may send it for any command).
+PENDING_COMMANDS = frozenset({Cmd.PROGRAM, Cmd.RUN_BATCH})
 
 # ------------------------------------------------------------------------------------------------
 # Data types and payload structures
@@ -291,6 +322,26 @@ def parse_error_payload(payload: bytes) -> tuple[int, str]:
         return int(Err.BAD_PAYLOAD), "short ERROR payload"
     (code,) = ERROR_HDR.unpack_from(payload)
     return code, payload[ERROR_HDR.size:].decode("utf-8", "replace")
+
+
+def resend_payload(indices) -> bytes:
+    """RESEND payload naming chunk ``indices`` (1..MAX_RESEND of them, each < 65536)."""
+    idx = [int(i) for i in indices]
+    if not 1 <= len(idx) <= MAX_RESEND:
+        raise ValueError(f"a RESEND names 1..{MAX_RESEND} chunks, not {len(idx)}")
+    return RESEND_HDR.pack(len(idx)) + np.asarray(idx, dtype="<u2").tobytes()
+
+
+def parse_resend_payload(payload: bytes) -> list[int]:
+    """Chunk indices of a RESEND payload; ValueError when the count is out of bounds or
+    disagrees with the payload size."""
+    if len(payload) < RESEND_HDR.size:
+        raise ValueError("RESEND payload shorter than its header")
+    (n,) = RESEND_HDR.unpack_from(payload)
+    if not 1 <= n <= MAX_RESEND or len(payload) != RESEND_HDR.size + 2 * n:
+        raise ValueError(f"RESEND payload of {len(payload)} bytes does not hold {n} indices "
+                         f"(1..{MAX_RESEND})")
+    return np.frombuffer(payload, "<u2", n, RESEND_HDR.size).astype(int).tolist()
 
 
 def err_name(code: int) -> str:

@@ -3,9 +3,11 @@
 Speaks the frame dialect of :mod:`hwloop.devices.protocol` through pyserial. Reliability rules
 (also in ``docs/protocol.md``):
 
-* every request is retried with the *same* sequence number and bytes when no valid reply
-  arrives in time or a corrupted frame arrives; the chip answers a repeated frame from its reply
-  cache, so a retried write is never applied twice;
+* every request is retried with the *same* sequence number and bytes when the chip NAKs it,
+  when nothing is heard for ``ack_timeout``, or when no valid reply arrives in time; the chip
+  answers a repeated frame from its reply cache, so a retried write is never applied twice;
+* missing or damaged chunks of a chunked reply are asked for by index (RESEND), answered from
+  the same cache;
 * timeouts scale with the bytes on the wire (at ``baudrate / 10`` bytes/s on real ports) and
   with the batch size of RUN_BATCH;
 * every weight write is verified with WEIGHTS_CRC and every threshold write by read-back;
@@ -34,10 +36,6 @@ from hwloop.errors import (DeviceError, DeviceLimitError, DeviceTimeout, Protoco
 THRESHOLD_KINDS = NEURON_KINDS + ("readout",)
 
 
-class _Retry(Exception):
-    pass
-
-
 def error_from_code(code: int, message: str, context: str) -> DeviceError:
     """The hwloop exception for an ERROR reply (``LIMIT`` -> DeviceLimitError, framing and
     payload errors -> ProtocolError, the rest -> DeviceError)."""
@@ -64,9 +62,15 @@ class SerialDevice(TTFSDevice):
         baudrate: of real serial ports; also sets the byte-rate term of timeouts.
         byte_rate: bytes/s assumed by timeouts (default baudrate / 10 on real ports and ptys,
             none on ``socket://`` / ``loop://``; 0 = none).
+        ack_timeout: seconds of silence (plus the request's transfer time) after which a request
+            that got no sign of life at all (no reply, no PENDING, no NAK) is sent again; far
+            shorter than ``timeout``, which bounds the wait for a reply once the chip has it.
         per_sample_timeout_s: added per sample of a RUN_BATCH.
-        chunk_bytes: largest payload per frame in both directions (smaller frames survive noisy
-            links better); at most ``protocol.MAX_PAYLOAD``.
+        chunk_bytes: largest payload per request frame (and per RESEND list); at most
+            ``protocol.MAX_PAYLOAD``.
+        reply_chunk_bytes: largest payload per reply frame, asked for in HELLO (default
+            ``min(chunk_bytes, 1024)``): on a noisy link a damaged reply chunk costs a RESEND of
+            that chunk only, so small reply chunks waste little.
         time_format: "auto" (float64 times when the chip offers them, else ticks), "f64" or
             "ticks".
         port: an already-open pyserial-like object (tests); ``url`` is then only a label.
@@ -76,17 +80,22 @@ class SerialDevice(TTFSDevice):
                  write_retries: int = 2, baudrate: int = 115200,
                  per_sample_timeout_s: float = 0.01, chunk_bytes: int = 4096,
                  time_format: str = "auto", port: Any = None, verify: bool = True,
-                 byte_rate: Optional[float] = None):
+                 byte_rate: Optional[float] = None, ack_timeout: float = 0.05,
+                 reply_chunk_bytes: Optional[int] = None):
         self.url = url
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.write_retries = int(write_retries)
         self.per_sample_timeout_s = float(per_sample_timeout_s)
         self.chunk_bytes = max(256, min(int(chunk_bytes), P.MAX_PAYLOAD))
+        self.reply_chunk_bytes = max(256, min(int(reply_chunk_bytes) if reply_chunk_bytes
+                                              else min(self.chunk_bytes, 1024), P.MAX_PAYLOAD))
+        self.ack_timeout = float(ack_timeout)
         self.verify = verify
         self.health = {"retries": 0, "crc_errors": 0, "timeouts": 0, "resyncs": 0,
                        "bytes_tx": 0, "bytes_rx": 0, "frames_tx": 0, "frames_rx": 0,
-                       "stale_frames": 0, "verify_failures": 0}
+                       "stale_frames": 0, "verify_failures": 0, "naks": 0, "resends": 0,
+                       "nudges": 0}
         is_virtual = url.startswith(("socket://", "loop://", "rfc2217://")) or port is not None
         if byte_rate is not None:
             self._byte_rate = float(byte_rate) if byte_rate > 0 else None
@@ -152,6 +161,9 @@ class SerialDevice(TTFSDevice):
             self.health["bytes_rx"] += len(data)
         return data
 
+    #: Quiet time after a damaged or missing reply frame before the host asks again, s.
+    RESEND_IDLE_S = 0.03
+
     def _next_seq(self) -> int:
         self._seq = self._seq % P.SEQ_MAX + 1
         return self._seq
@@ -161,74 +173,150 @@ class SerialDevice(TTFSDevice):
 
     def _transact(self, cmd: int, payload: bytes = b"", flags: int = 0,
                   extra_timeout: float = 0.0, expect_bytes: int = 0) -> tuple[int, bytes]:
-        """Send one frame and return (reply flags, reply payload reassembled from chunks)."""
+        """Send one frame and return (reply flags, reply payload reassembled from chunks).
+
+        Recovery (docs/protocol.md, "Messages, chunks and retries"): the request is sent again,
+        byte for byte, when the chip NAKs it, when nothing at all is heard for ``ack_timeout``,
+        or when a reply frame arrived damaged before anything intact; missing or damaged chunks
+        of a chunked reply are asked for with RESEND (answered from the chip's reply cache).
+        An attempt that brings no new chunk within the full timeout counts against
+        ``retries``; progress resets the count.
+        """
         if self._closed:
             raise DeviceError(f"{self._ctx(cmd)}: device is closed")
         seq = self._next_seq()
         wire = encode_frame(Frame(seq, int(cmd), int(flags), payload))
-        timeout = self.timeout + extra_timeout + self._xfer_time(len(wire) + expect_bytes)
+        long_t = self.timeout + extra_timeout + self._xfer_time(len(wire) + expect_bytes)
+        nudge_t = self.ack_timeout + self._xfer_time(len(wire))
+        if nudge_t >= long_t:
+            nudge_t = None  # the attempt timeout comes first anyway
+        max_ask = max(1, min(P.MAX_RESEND, (self.chunk_bytes - P.RESEND_HDR.size) // 2))
         chunks: dict[int, bytes] = {}
-        state: dict = {"total": None}
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self.health["retries"] += 1
-            self._write(wire, cmd, seq)
-            self.health["frames_tx"] += 1
-            try:
-                return self._collect(cmd, seq, time.monotonic() + timeout, chunks, state)
-            except _Retry as r:
-                if str(r) == "timeout":
-                    self.health["timeouts"] += 1
-        raise DeviceTimeout(f"{self._ctx(cmd, seq)}: no valid reply after {self.retries + 1} "
-                            f"attempts of {timeout:.3g} s each")
+        size = 0
+        total: Optional[int] = None
+        life = False  # the chip has shown that it holds this request (PENDING or a reply frame)
+        st = {"sends": 0}
 
-    def _collect(self, cmd: int, seq: int, deadline: float, chunks: dict, state: dict):
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _Retry("timeout")
-            data = self._read_some(remaining, cmd, seq)
-            if not data:
-                continue
-            corrupt = False
-            for ev in self._reader.feed(data):
-                if isinstance(ev, FrameFault):
-                    # a frame that parses but fails its CRC is most likely our reply, corrupted:
-                    # ask again at once. Other garbage (a banner, a torn frame) is skipped.
-                    if ev.kind == "crc":
-                        self.health["crc_errors"] += 1
-                        corrupt = True
+        def send(reason: str) -> None:
+            nonlocal heard, corrupt, round_last, round_max, last_io
+            if total is not None or life:
+                if total is None:
+                    ask = [0]  # the whole reply frame (or chunk 0, which names the total)
+                else:
+                    missing = [i for i in range(total) if i not in chunks]
+                    if reason == "quiet" and round_max >= 0:
+                        # the stream may only have paused: ask for the gaps it has passed, and
+                        # for the last chunk of the round
+                        ask = [i for i in missing if i < round_max]
+                        if round_last is not None and round_last in missing and \
+                                round_last not in ask:
+                            ask.append(round_last)
+                        ask = ask or missing
                     else:
-                        self.health["resyncs"] += 1
-                    continue
-                self.health["frames_rx"] += 1
-                if not ev.is_reply or ev.seq != seq or ev.version != P.PROTOCOL_VERSION:
-                    self.health["stale_frames"] += 1
-                    continue
-                if ev.cmd == P.Cmd.ERROR:
-                    code, msg = P.parse_error_payload(ev.payload)
-                    raise error_from_code(code, msg, self._ctx(cmd, seq))
-                if ev.cmd != cmd:
-                    raise ProtocolError(f"{self._ctx(cmd, seq)}: reply carries command "
-                                        f"{P.cmd_name(ev.cmd)}")
-                if not ev.flags & P.Flag.CHUNKED:
-                    return ev.flags, ev.payload
-                if len(ev.payload) < P.CHUNK_HEADER.size:
-                    corrupt = True
-                    continue
-                idx, total = P.CHUNK_HEADER.unpack_from(ev.payload)
-                if state["total"] is None:
-                    state["total"] = total
-                if total != state["total"] or idx >= total:
-                    raise ProtocolError(f"{self._ctx(cmd, seq)}: inconsistent chunk {idx}/{total}")
-                if idx not in chunks:
-                    if sum(len(c) for c in chunks.values()) + len(ev.payload) > P.MAX_MESSAGE:
-                        raise ProtocolError(f"{self._ctx(cmd, seq)}: reply exceeds MAX_MESSAGE")
-                    chunks[idx] = ev.payload[P.CHUNK_HEADER.size:]
-                if len(chunks) == total:
-                    return ev.flags, b"".join(chunks[i] for i in range(total))
-            if corrupt:
-                raise _Retry("corrupt")  # fast retry: the chip replays from its cache
+                        ask = missing
+                    ask = ask[:max_ask]
+                frame = encode_frame(Frame(seq, P.Cmd.RESEND, 0, P.resend_payload(ask)))
+                self._write(frame, cmd, seq)
+                self.health["resends"] += 1
+                round_last = max(ask) if total is not None else None
+            else:
+                self._write(wire, cmd, seq)
+                if st["sends"]:
+                    self.health["retries"] += 1
+                round_last = None if total is None else total - 1
+            st["sends"] += 1
+            self.health["frames_tx"] += 1
+            heard = corrupt = False
+            round_max = -1
+            last_io = time.monotonic()
+
+        heard = corrupt = False
+        round_last: Optional[int] = None
+        round_max = -1
+        last_io = 0.0
+        send("request")
+        deadline = last_io + long_t
+        fruitless = 0
+        while True:
+            now = time.monotonic()
+            wake = deadline
+            if nudge_t is not None:
+                wake = min(wake, last_io + nudge_t)
+            if corrupt or total is not None:
+                wake = min(wake, last_io + self.RESEND_IDLE_S)
+            data = self._read_some(wake - now, cmd, seq)
+            now = time.monotonic()
+            nak = round_end = False
+            if data:
+                last_io = now
+                for ev in self._reader.feed(data):
+                    if isinstance(ev, FrameFault):
+                        # most likely a reply of ours, damaged (or our banner/garbage)
+                        self.health["crc_errors" if ev.kind == "crc" else "resyncs"] += 1
+                        corrupt = True
+                        continue
+                    self.health["frames_rx"] += 1
+                    if ev.cmd == P.Cmd.NAK and ev.is_reply and ev.version == P.PROTOCOL_VERSION:
+                        self.health["naks"] += 1
+                        nak = True
+                        continue
+                    if not ev.is_reply or ev.seq != seq or ev.version != P.PROTOCOL_VERSION:
+                        self.health["stale_frames"] += 1
+                        continue
+                    heard = life = True
+                    if ev.flags & P.Flag.PENDING and not ev.payload:
+                        continue
+                    if ev.cmd == P.Cmd.ERROR:
+                        code, msg = P.parse_error_payload(ev.payload)
+                        raise error_from_code(code, msg, self._ctx(cmd, seq))
+                    if ev.cmd != cmd:
+                        raise ProtocolError(f"{self._ctx(cmd, seq)}: reply carries command "
+                                            f"{P.cmd_name(ev.cmd)}")
+                    if not ev.flags & P.Flag.CHUNKED:
+                        return ev.flags, ev.payload
+                    if len(ev.payload) < P.CHUNK_HEADER.size:
+                        raise ProtocolError(f"{self._ctx(cmd, seq)}: chunk shorter than its "
+                                            "header")
+                    idx, tot = P.CHUNK_HEADER.unpack_from(ev.payload)
+                    if total is None:
+                        total = tot
+                        if round_last is None:
+                            round_last = total - 1
+                    if tot != total or idx >= total:
+                        raise ProtocolError(f"{self._ctx(cmd, seq)}: inconsistent chunk "
+                                            f"{idx}/{tot}")
+                    round_max = max(round_max, idx)
+                    if idx not in chunks:
+                        size += len(ev.payload) - P.CHUNK_HEADER.size
+                        if size > P.MAX_MESSAGE:
+                            raise ProtocolError(f"{self._ctx(cmd, seq)}: reply exceeds "
+                                                "MAX_MESSAGE")
+                        chunks[idx] = ev.payload[P.CHUNK_HEADER.size:]
+                        deadline = now + long_t  # progress
+                        fruitless = 0
+                        if len(chunks) == total:
+                            return ev.flags, b"".join(chunks[i] for i in range(total))
+                    if idx == round_last:
+                        round_end = True
+            if nak and not heard:
+                send("nak")  # our last frame arrived damaged: at once
+            elif round_end:
+                send("round")  # the round is over; what is missing now is lost
+            elif (corrupt or total is not None) and now - last_io >= self.RESEND_IDLE_S:
+                send("quiet")
+            elif nudge_t is not None and now - last_io >= nudge_t:
+                self.health["nudges"] += 1
+                send("nudge")  # nothing at all: the request (or RESEND) was lost
+            elif now >= deadline:
+                if not corrupt:
+                    self.health["timeouts"] += 1
+                fruitless += 1
+                if fruitless > self.retries:
+                    raise DeviceTimeout(
+                        f"{self._ctx(cmd, seq)}: no valid reply after {st['sends']} attempts "
+                        f"({self.retries + 1} of {long_t:.3g} s without progress)")
+                send("timeout")
+                deadline = time.monotonic() + long_t
 
     def _send(self, cmd: int, payload: bytes, flags: int = 0, extra_timeout: float = 0.0,
               expect_bytes: int = 0) -> bytes:
@@ -245,7 +333,7 @@ class SerialDevice(TTFSDevice):
     # -- session ---------------------------------------------------------------------------------
     def _hello(self, time_format: str) -> None:
         reply = self._transact(P.Cmd.HELLO, P.HELLO_REQ.pack(P.PROTOCOL_VERSION,
-                                                             self.chunk_bytes))[1]
+                                                             self.reply_chunk_bytes))[1]
         if len(reply) < P.HELLO_REPLY.size:
             raise ProtocolError(f"{self.url}: HELLO reply too short")
         (version,) = P.HELLO_REPLY.unpack_from(reply)

@@ -14,6 +14,7 @@ generator. The server binds loopback unless ``allow_remote=True``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import math
 import os
@@ -246,13 +247,20 @@ class FrameSession:
         self.cache_size = cache_size
         self.assembly: Optional[tuple[int, ChunkAssembler]] = None
         self.reply_payload = P.MAX_PAYLOAD
-        self.stats = {"frames": 0, "replayed": 0, "errors": 0}
+        self.by_seq: dict[int, tuple] = {}  # seq -> cache key of its latest request (RESEND)
+        self.stats = {"frames": 0, "replayed": 0, "errors": 0, "resends": 0, "naks": 0}
 
-    def handle(self, frame: Frame) -> list[bytes]:
-        """Encoded reply frames for one received frame (a retried frame gets the cached reply)."""
+    def handle(self, frame: Frame, busy: Optional[Callable] = None) -> list[bytes]:
+        """Encoded reply frames for one received frame (a retried frame gets the cached reply).
+
+        ``busy(seq, cmd)``, when given, is a context manager the session enters while it
+        executes a command of ``PENDING_COMMANDS`` (the link layer sends PENDING meanwhile).
+        """
         if frame.is_reply:
             return []
         self.stats["frames"] += 1
+        if frame.cmd == P.Cmd.RESEND and frame.version == P.PROTOCOL_VERSION:
+            return self._resend(frame)
         key = (frame.seq, frame.cmd, frame.flags, len(frame.payload),
                zlib.crc32(frame.payload))
         hit = self.cache.get(key)
@@ -260,17 +268,48 @@ class FrameSession:
             self.cache.move_to_end(key)
             self.stats["replayed"] += 1
             return hit
-        replies = self._process(frame)
+        replies = self._process(frame, busy)
         self.cache[key] = replies
+        self.by_seq[frame.seq] = key
         while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+            old, _ = self.cache.popitem(last=False)
+            if self.by_seq.get(old[0]) == old:
+                del self.by_seq[old[0]]
         return replies
+
+    def _resend(self, frame: Frame) -> list[bytes]:
+        """RESEND: the named chunks of the cached reply to ``frame.seq`` (the whole reply when it
+        is a single frame). Read-only, so it is neither cached nor counted as a request."""
+        self.stats["resends"] += 1
+        try:
+            indices = P.parse_resend_payload(frame.payload)
+        except ValueError as e:
+            return self._error(frame.seq, P.Err.BAD_PAYLOAD, f"RESEND: {e}")
+        key = self.by_seq.get(frame.seq)
+        if key is None:
+            return self._error(frame.seq, P.Err.NO_REPLY, f"RESEND: no cached reply for seq "
+                                                          f"{frame.seq}")
+        frames = self.cache[key]
+        if len(frames) == 1:
+            return frames
+        bad = [i for i in indices if i >= len(frames)]
+        if bad:
+            return self._error(frame.seq, P.Err.CHUNK, f"RESEND: chunk {bad[0]} of a "
+                                                       f"{len(frames)}-chunk reply")
+        return [frames[i] for i in dict.fromkeys(indices)]
+
+    def nak(self, fault: FrameFault) -> bytes:
+        """The NAK frame for a piece of the stream that was thrown away."""
+        reason = {"crc": P.NakReason.CRC, "cobs": P.NakReason.COBS, "length": P.NakReason.LENGTH,
+                  "overflow": P.NakReason.OVERFLOW}.get(fault.kind, P.NakReason.LENGTH)
+        self.stats["naks"] += 1
+        return encode_frame(Frame(0, P.Cmd.NAK, P.Flag.REPLY, P.NAK_PAYLOAD.pack(reason)))
 
     def _error(self, seq: int, code: int, message: str) -> list[bytes]:
         self.stats["errors"] += 1
         return [encode_frame(Frame(seq, P.Cmd.ERROR, P.Flag.REPLY, P.error_payload(code, message)))]
 
-    def _process(self, frame: Frame) -> list[bytes]:
+    def _process(self, frame: Frame, busy: Optional[Callable] = None) -> list[bytes]:
         seq, cmd = frame.seq, frame.cmd
         if frame.version != P.PROTOCOL_VERSION:
             return self._error(seq, P.Err.VERSION, f"protocol version {frame.version} not "
@@ -292,7 +331,11 @@ class FrameSession:
                     return [encode_frame(Frame(seq, cmd, P.Flag.REPLY, b""))]
                 payload = self.assembly[1].message()
                 self.assembly = None
-            body = self._execute(cmd, frame.flags, payload)
+            if busy is not None and cmd in P.PENDING_COMMANDS:
+                with busy(seq, cmd):
+                    body = self._execute(cmd, frame.flags, payload)
+            else:
+                body = self._execute(cmd, frame.flags, payload)
         except ChipError as e:
             return self._error(seq, e.code, e.message)
         except ProtocolError as e:
@@ -779,6 +822,39 @@ def _serve_conn(conn: _Conn, core: ChipCore, dialect: str, faults: _Faults,
     else:
         session = ScpiSession(core)
     on_session(session)
+    send_lock = threading.Lock()
+
+    def emit(frame: bytes) -> bool:
+        """Send one frame through the fault injector; False when the link is gone."""
+        with send_lock:
+            if faults.drop():
+                return True
+            out = faults.flip(frame)
+            for _ in range(2 if faults.dup() else 1):
+                if not conn.send(out):
+                    return False
+                stats["bytes_tx"] += len(out)
+        return True
+
+    @contextlib.contextmanager
+    def busy(seq: int, cmd: int):
+        """While a long command executes: PENDING now and every PENDING_INTERVAL_S."""
+        pending = encode_frame(Frame(seq, cmd, P.Flag.REPLY | P.Flag.PENDING, b""))
+        done = threading.Event()
+
+        def beat():
+            while not done.wait(P.PENDING_INTERVAL_S):
+                if not emit(pending):
+                    return
+
+        emit(pending)
+        t = threading.Thread(target=beat, daemon=True, name="hwloop-chip-pending")
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()
     try:
         while not stop.is_set():
             data = conn.recv(0.05)
@@ -791,6 +867,8 @@ def _serve_conn(conn: _Conn, core: ChipCore, dialect: str, faults: _Faults,
                 for ev in session.reader.feed(faults.flip(data)):
                     if isinstance(ev, FrameFault):
                         stats["bad_frames"] += 1
+                        if not emit(session.nak(ev)):  # the host resends at once
+                            return
                         continue
                     nrx += 1
                     if cfg.disconnect_after is not None and nrx >= cfg.disconnect_after:
@@ -798,18 +876,12 @@ def _serve_conn(conn: _Conn, core: ChipCore, dialect: str, faults: _Faults,
                         return
                     if faults.drop():
                         continue
-                    replies = session.handle(ev)
+                    replies = session.handle(ev, busy)
                     if replies and cfg.delay_s:
                         time.sleep(cfg.delay_s)
                     for r in replies:
-                        if faults.drop():
-                            continue
-                        out = faults.flip(r)
-                        copies = 2 if faults.dup() else 1
-                        for _ in range(copies):
-                            if not conn.send(out):
-                                return
-                            stats["bytes_tx"] += len(out)
+                        if not emit(r):
+                            return
             else:
                 replies, n = session.feed(data)
                 before, nrx = nrx, nrx + n
