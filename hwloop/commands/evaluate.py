@@ -118,16 +118,8 @@ def evaluate_on_device(device: str, chip_seed: Optional[int] = None, calibration
             "ideal_snn": ideal_res, "calibration": calibration, "weights": weights}
 
 
-def _fmt_j(v: float) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    for unit, f in (("nJ", 1e-9), ("pJ", 1e-12), ("fJ", 1e-15)):
-        if abs(v) >= f:
-            return f"{v / f:.3f} {unit}"
-    return f"{v:.3e} J"
-
-
 def run(args: argparse.Namespace) -> int:
+    from hwloop.train.finetune import format_joules
     out = evaluate_on_device(args.device, args.chip_seed, args.calibration, args.weights, args.dataset,
                              args.data_dir, args.arch, args.seed, args.pretrain_epochs,
                              args.train_subset, args.test_subset, args.window_percentile,
@@ -138,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if out["ideal_snn"] is not None:
         print(f"  ideal SNN (software)  accuracy {100 * out['ideal_snn']['accuracy']:.2f} %")
     print(f"  device                accuracy {100 * d['accuracy']:.2f} %, spikes/neuron "
-          f"{d['spikes_per_neuron']:.3f}, energy/inference {_fmt_j(d['energy_j_per_sample'])}")
+          f"{d['spikes_per_neuron']:.3f}, energy/inference {format_joules(d['energy_j_per_sample'])}")
     if args.json:
         print(json.dumps(out, indent=2, default=float))
     return 0

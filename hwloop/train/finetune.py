@@ -394,9 +394,9 @@ def format_table(report: dict) -> str:
         ("ideal SNN (B1)", f"{100 * b['ideal_snn']['accuracy']:.2f}",
          f"{b['ideal_snn']['spikes_per_neuron']:.3f}", "-"),
         ("device, before", f"{100 * b['device']['accuracy']:.2f}", f"{b['device']['spikes_per_neuron']:.3f}",
-         _fmt_j(b['device']['energy_j_per_sample'])),
+         format_joules(b['device']['energy_j_per_sample'])),
         ("device, after", f"{100 * a['device']['accuracy']:.2f}", f"{a['device']['spikes_per_neuron']:.3f}",
-         _fmt_j(a['device']['energy_j_per_sample'])),
+         format_joules(a['device']['energy_j_per_sample'])),
     ]
     lines = [f"{'':18} {'accuracy %':>10} {'spikes/neuron':>14} {'energy/inference':>17}"]
     lines += [f"{r[0]:18} {r[1]:>10} {r[2]:>14} {r[3]:>17}" for r in rows]
@@ -406,7 +406,8 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _fmt_j(v: float) -> str:
+def format_joules(v: float) -> str:
+    """An energy in joules with a readable unit (nJ, pJ, fJ), or '-' when unknown."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     for unit, f in (("nJ", 1e-9), ("pJ", 1e-12), ("fJ", 1e-15)):
