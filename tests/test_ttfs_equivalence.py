@@ -197,3 +197,20 @@ def test_recorded_backward_with_l1_matches_autograd():
     grads = backward_from_spike_times(net, det, glog, l1=0.01)
     for k, p in net.named_parameters():
         assert (grads[k] - p.grad).abs().max() <= 1e-9, k
+
+
+@pytest.mark.parametrize("arch,shape,width", [("fc16", (1, 8, 8), 1.0), ("lenet5", (1, 28, 28), 1.0),
+                                              ("vgg16", (3, 32, 32), 0.0625)])
+def test_paper_architectures_convert_exactly(arch, shape, width):
+    """FC16, LeNet5 and the VGG16 of the Methods (BN after ReLU, at 1/16 width) in float64."""
+    g = torch.Generator().manual_seed(2)
+    relu = build_relu(arch, shape, 10, width=width).double()
+    _randomize_bn(relu, g)
+    relu.eval()
+    x = torch.rand(6, *shape, generator=g, dtype=torch.float64)
+    net = hwloop.convert(relu, x)
+    assert (net(x) - relu(x)).abs().max() <= 1e-9
+    n_conv = sum(isinstance(m, nn.Conv2d) for m in relu)
+    assert sum(l.kind == "conv2d" for l in net.layers) == n_conv
+    if arch == "vgg16":
+        assert n_conv == 13 and any(getattr(l, "in_shift", None) is not None for l in net.layers)
