@@ -114,12 +114,13 @@ class ScriptedPort:
 
 def hello_exchange(info, seq: int = 1, chunk_bytes: int = 4096,
                    time_formats=(P.TIME_TICKS, P.TIME_F64),
-                   reply_chunk_bytes=None) -> tuple[bytes, bytes]:
+                   reply_chunk_bytes=None, features=()) -> tuple[bytes, bytes]:
     """The opening step: a resync 0x00, then HELLO (asking for reply chunks of
     ``reply_chunk_bytes``, by default ``min(chunk_bytes, 1024)`` as SerialDevice does), and the
-    chip's reply."""
+    chip's reply (listing ``features``, none by default)."""
     want = reply_chunk_bytes or min(chunk_bytes, 1024)
     request = P.DELIMITER + req(seq, P.Cmd.HELLO, P.HELLO_REQ.pack(P.PROTOCOL_VERSION, want))
     reply = rep(seq, P.Cmd.HELLO, P.HELLO_REPLY.pack(P.PROTOCOL_VERSION) +
-                P.dumps(P.hello_json(info.model_dump(mode="json"), list(time_formats))))
+                P.dumps(P.hello_json(info.model_dump(mode="json"), list(time_formats),
+                                     list(features))))
     return request, reply

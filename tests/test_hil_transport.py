@@ -63,8 +63,9 @@ def test_finetune_through_transport_equals_in_process(clean, transport, dialect,
 
 def test_disconnect_mid_epoch_is_a_clear_error_and_keeps_the_checkpoint(clean):
     tmp, ref = clean
-    # enough frames for the set-up and the first epoch, not for the second
-    chip = _chip(transport="tcp", dialect="frame", faults=FaultConfig(disconnect_after=750))
+    # enough frames for the set-up and the first epoch (~330 with protocol 3), not for the
+    # second (~490 in all)
+    chip = _chip(transport="tcp", dialect="frame", faults=FaultConfig(disconnect_after=410))
     opts = _opts(tmp, "disconnect", chip.url, epochs=2)
     try:
         with pytest.raises(DeviceError):

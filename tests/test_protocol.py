@@ -15,8 +15,9 @@ import torch
 
 from hwloop.devices import protocol as P
 from hwloop.devices.framing import (BadCrc, ChunkAssembler, Frame, FrameFault, FrameReader,
-                                    cobs_decode, cobs_encode, decode_frame, decode_raw,
-                                    encode_frame, frame_raw, split_chunks)
+                                    decode_frame, decode_raw,
+                                    encode_frame, frame_raw, split_chunks, stuff,
+                                    unstuff)
 from hwloop.devices.serial_device import SerialDevice
 from hwloop.devices.server import ChipCore, FrameSession, ScpiSession
 from hwloop.errors import (DeviceError, DeviceLimitError, DeviceTimeout, ProtocolError,
@@ -33,31 +34,38 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 253, 254, 255, 256, 508, 509, 1000, 70000])
-def test_cobs_round_trip(n):
+@pytest.mark.parametrize("n", [0, 1, 2, 253, 254, 255, 256, 1000, 70000])
+def test_stuffing_round_trip(n):
     rng = np.random.default_rng(n)
-    for zero_frac in (0.0, 0.01, 0.5, 1.0):
-        data = rng.integers(1, 256, n, dtype=np.uint8)
-        data[rng.random(n) < zero_frac] = 0
-        enc = cobs_encode(data.tobytes())
+    for special_frac in (0.0, 0.01, 0.5, 1.0):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        hit = rng.random(n) < special_frac
+        data[hit] = rng.choice(np.array([0x00, P.ZERO_SUB, P.ESC, P.ESC_ZERO, P.ESC_ESC],
+                                        np.uint8), int(hit.sum()))
+        enc = stuff(data.tobytes())
         assert 0 not in enc
-        assert len(enc) <= P.cobs_max_encoded(n)
-        assert cobs_decode(enc) == data.tobytes()
+        assert len(enc) <= P.max_stuffed(n)
+        assert len(enc) == n + int(np.isin(data, [P.ZERO_SUB, P.ESC]).sum())
+        assert unstuff(enc) == data.tobytes()
 
 
-def test_cobs_known_vectors():
-    assert cobs_encode(b"") == b"\x01"
-    assert cobs_encode(b"\x00") == b"\x01\x01"
-    assert cobs_encode(b"\x11\x22\x00\x33") == b"\x03\x11\x22\x02\x33"
-    assert cobs_encode(b"\x11\x00\x00\x00") == b"\x02\x11\x01\x01\x01"
-    with pytest.raises(ProtocolError):
-        cobs_decode(b"\x05\x11")  # runs past the end
+def test_stuffing_known_vectors():
+    assert stuff(b"") == b""
+    assert stuff(b"\x00") == b"\xa5"
+    assert stuff(b"\x11\x22\x00\x33") == b"\x11\x22\xa5\x33"
+    assert stuff(b"\xa5") == b"\xa6\x01"
+    assert stuff(b"\xa6\x01") == b"\xa6\x02\x01"
+    assert stuff(b"\x00\xa5\xa6\x00") == b"\xa5\xa6\x01\xa6\x02\xa5"
+    for bad in (b"\xa6", b"\xa6\x03", b"\xa6\xa6\x01", b"\x11\x00\x22"):
+        with pytest.raises(ProtocolError):
+            unstuff(bad)  # a dangling / unknown escape, or a zero inside
 
 
 def test_frame_round_trip_and_layout():
     f = Frame(seq=0xBEEF, cmd=P.Cmd.RUN_BATCH, flags=P.Flag.F64_TIMES, payload=b"\x00\x01xyz")
     raw = frame_raw(f)
-    assert raw[:P.HEADER_SIZE] == bytes([2, 0xEF, 0xBE, 0x30, 0x10, 5, 0, 0, 0])
+    assert raw[:P.HEADER_SIZE] == bytes([P.PROTOCOL_VERSION, 0xEF, 0xBE, 0x30, 0x10, 5, 0, 0,
+                                          0])
     assert raw[-4:] == struct.pack("<I", zlib.crc32(raw[:-4]))
     wire = encode_frame(f)
     assert wire.endswith(b"\x00") and 0 not in wire[:-1]
@@ -70,7 +78,7 @@ def test_crc_error_detected():
     with pytest.raises(BadCrc):
         decode_raw(bytes(raw))
     reader = FrameReader()
-    events = reader.feed(cobs_encode(bytes(raw)) + b"\x00")
+    events = reader.feed(stuff(bytes(raw)) + b"\x00")
     assert len(events) == 1 and isinstance(events[0], FrameFault) and events[0].kind == "crc"
     assert reader.counts["crc"] == 1
 
@@ -289,6 +297,112 @@ def test_write_weights_chunks_verifies_and_sends_only_changes():
     port.assert_done()
 
 
+def _sparse_steps(seq, layer, idx, codes, scale, per, n):
+    steps = []
+    pieces = list(range(0, len(idx), per))
+    for i, s in enumerate(pieces):
+        flags = P.Flag.COMMIT if i == len(pieces) - 1 else 0
+        steps.append((req(seq, P.Cmd.WRITE_WEIGHTS_SPARSE,
+                          P.encode_sparse(layer, idx[s:s + per], codes[s:s + per], scale, False),
+                          flags), rep(seq, P.Cmd.WRITE_WEIGHTS_SPARSE)))
+        seq += 1
+    return steps, seq
+
+
+def test_write_weights_sparse_when_smaller_and_offered():
+    chunk_bytes = 256
+    per_dense = (chunk_bytes - P.WRITE_WEIGHTS_HDR.size) // 2
+    per_sparse = (chunk_bytes - P.WRITE_WEIGHTS_SPARSE_HDR.size) // 6
+    spec = small_spec(n_in=100, hidden=3, n_out=2)  # layer 0: 300 codes
+    js = spec.model_dump_json().encode()
+    steps, seq = _message_steps(2, P.Cmd.PROGRAM, js, chunk_bytes, None)
+    steps[-1] = (steps[-1][0], rep(seq - 1, P.Cmd.PROGRAM))
+    codes = (torch.arange(300).reshape(3, 100) % 200 - 100).numpy()
+    s1, seq = _weights_steps(seq, 0, codes, 0.5, per_dense)  # no shadow yet: dense
+    # two scattered changes: two (index, code) pairs instead of two dense chunks
+    codes2 = codes.copy()
+    codes2.flat[[5, 250]] = [7, -9]
+    s2, seq = _sparse_steps(seq, 0, [5, 250], [7, -9], 0.5, per_sparse, 300)
+    s2.append((req(seq, P.Cmd.WEIGHTS_CRC, P.LAYER.pack(0)), rep(seq, P.Cmd.WEIGHTS_CRC,
+               P.WEIGHTS_CRC_REPLY.pack(P.weights_crc(codes2, 0.5), 0.5, 300))))
+    seq += 1
+    # 100 changes inside the first chunk: 600 sparse bytes > 238 dense bytes, so dense
+    codes3 = codes2.copy()
+    codes3.flat[0:100] += 1
+    s3, seq = _weights_steps(seq, 0, codes3, 0.5, per_dense, starts=[0])
+    # many scattered changes, more than one sparse frame holds, new scale
+    codes4 = codes3.copy()
+    idx4 = np.arange(0, 300, 7)
+    codes4.flat[idx4] = 3
+    s4, seq = _sparse_steps(seq, 0, idx4[codes3.flat[idx4] != 3].tolist(),
+                            [3] * int((codes3.flat[idx4] != 3).sum()), 0.25, per_sparse, 300)
+    assert len(s4) > 1
+    s4.append((req(seq, P.Cmd.WEIGHTS_CRC, P.LAYER.pack(0)), rep(seq, P.Cmd.WEIGHTS_CRC,
+               P.WEIGHTS_CRC_REPLY.pack(P.weights_crc(codes4, 0.25), 0.25, 300))))
+    port = ScriptedPort([hello_exchange(INFO, chunk_bytes=chunk_bytes,
+                                        features=[P.FEATURE_SPARSE])] + steps + s1 + s2 + s3 + s4)
+    dev = SerialDevice("scripted://", port=port, timeout=0.05, chunk_bytes=chunk_bytes)
+    dev.program(spec)
+    for c, sc in ((codes, 0.5), (codes2, 0.5), (codes3, 0.5), (codes4, 0.25)):
+        dev.write_weights(0, torch.from_numpy(c), sc)
+    port.assert_done()
+
+
+def test_session_sparse_write_applies_and_rejects_bad_payloads():
+    s, fake = _session()
+    _one(s, Frame(1, P.Cmd.PROGRAM, 0, SPEC.model_dump_json().encode()))
+    dense = np.arange(30) % 7 - 3
+    _one(s, Frame(2, P.Cmd.WRITE_WEIGHTS, P.Flag.COMMIT,
+                  P.WRITE_WEIGHTS_HDR.pack(0, 0, 30, 1.0) + dense.astype("<i2").tobytes()))
+    # staged over two frames, applied by the COMMIT
+    f = _one(s, Frame(3, P.Cmd.WRITE_WEIGHTS_SPARSE, 0, P.encode_sparse(0, [1, 4], [9, -9], 0.5,
+                                                                         False)))
+    assert f.cmd == P.Cmd.WRITE_WEIGHTS_SPARSE and not f.payload
+    f = _one(s, Frame(4, P.Cmd.WRITE_WEIGHTS_SPARSE, P.Flag.COMMIT | P.Flag.WIDE,
+                      P.encode_sparse(0, [29], [5], 0.5, True)))
+    assert f.cmd == P.Cmd.WRITE_WEIGHTS_SPARSE
+    want = dense.copy()
+    want[[1, 4, 29]] = [9, -9, 5]
+    crc = P.WEIGHTS_CRC_REPLY.unpack(_one(s, Frame(5, P.Cmd.WEIGHTS_CRC, 0,
+                                                   P.LAYER.pack(0))).payload)
+    assert crc == (P.weights_crc(want, 0.5), 0.5, 30)
+    bad = {  # payload -> error code
+        b"\x00": P.Err.BAD_PAYLOAD,  # shorter than the header
+        P.WRITE_WEIGHTS_SPARSE_HDR.pack(0, 0xFFFFFFFF, 1.0): P.Err.BAD_PAYLOAD,  # hostile count
+        P.encode_sparse(0, [3, 3], [1, 1], 1.0, False): P.Err.BAD_PAYLOAD,  # not increasing
+        P.encode_sparse(0, [4, 2], [1, 1], 1.0, False): P.Err.BAD_PAYLOAD,
+        P.encode_sparse(0, [30], [1], 1.0, False): P.Err.RANGE,  # past the layer
+        P.encode_sparse(0, [0], [500], 1.0, False): P.Err.RANGE,  # beyond weight_bits=8
+        P.encode_sparse(7, [0], [1], 1.0, False): P.Err.RANGE,  # no such layer
+    }
+    for i, (payload, code) in enumerate(bad.items()):
+        f = _one(s, Frame(10 + i, P.Cmd.WRITE_WEIGHTS_SPARSE, P.Flag.COMMIT, payload))
+        assert P.parse_error_payload(f.payload)[0] == code, payload
+    # a chip that does not offer the feature does not know the command
+    s.core.features = []
+    f = _one(s, Frame(30, P.Cmd.WRITE_WEIGHTS_SPARSE, P.Flag.COMMIT,
+                      P.encode_sparse(0, [0], [1], 1.0, False)))
+    assert P.parse_error_payload(f.payload)[0] == P.Err.UNKNOWN_COMMAND
+
+
+def test_scpi_sparse_write():
+    fake = FakeB1Device()
+    s = ScpiSession(ChipCore(fake))
+    assert P.FEATURE_SPARSE in json.loads(s.feed(b"HWL:INFO?\n")[0][0])["features"]
+    js = SPEC.model_dump_json().encode()
+    s.feed(b"HWL:PROG #" + str(len(str(len(js)))).encode() + str(len(js)).encode() + js + b"\n")
+    blk = np.concatenate([np.array([2, 7], "<u4"), np.array([-4, 6], "<i4").view("<u4")])
+    raw = blk.tobytes()
+    out, _ = s.feed(b"HWL:WEIG:SPAR 0,0.5,1,#" + str(len(str(len(raw)))).encode()
+                    + str(len(raw)).encode() + raw + b"\nSYST:ERR?\n")
+    assert out == [b'0,"No error"\n']
+    codes, scale = fake.read_weights(0)
+    assert float(scale) == 0.5 and codes.reshape(-1)[2] == -4 and codes.reshape(-1)[7] == 6
+    raw = np.array([7, 2, 1, 1], "<u4").tobytes()  # indices not increasing
+    out, _ = s.feed(b"HWL:WEIG:SPAR 0,0.5,1,#216" + raw + b"\nSYST:ERR?\n")
+    assert out[0].startswith(b"-") and b"increasing" in out[0]
+
+
 def test_write_verify_error_names_layer():
     codes = np.ones((5, 6), dtype=np.int64)
     steps = _program_steps(2)
@@ -402,9 +516,9 @@ def test_retry_resends_identical_bytes_after_lost_reply():
 
 def test_corrupted_reply_triggers_fast_retry_and_stale_frames_are_ignored():
     good = rep(2, P.Cmd.STATUS, b'{"programmed":false}')
-    raw = bytearray(cobs_decode(good[:-1]))
+    raw = bytearray(unstuff(good[:-1]))
     raw[-6] ^= 0x01
-    bad = cobs_encode(bytes(raw)) + b"\x00"
+    bad = stuff(bytes(raw)) + b"\x00"
     stale = rep(1, P.Cmd.HELLO, b"old")
     r = req(2, P.Cmd.STATUS)
     dev, port = _open([(r, b"noise\x00" + stale + bad), (r, good)])
@@ -419,7 +533,7 @@ def test_nak_triggers_an_immediate_identical_resend():
     # the chip NAKs a damaged copy of the request: the host sends the same bytes again at once,
     # long before its (here 5 s) timeout or its ack_timeout
     r = req(2, P.Cmd.STATUS)
-    dev, port = _open([(r, nak(P.NakReason.COBS)),
+    dev, port = _open([(r, nak(P.NakReason.ESCAPE)),
                        (r, rep(2, P.Cmd.STATUS, b'{"programmed":false}'))], timeout=5.0)
     t0 = time.monotonic()
     assert dev.status() == {"programmed": False}
@@ -493,9 +607,9 @@ def test_pending_heartbeats_hold_off_resends_during_a_long_command():
 
 
 def _damage(frame: bytes) -> bytes:
-    raw = bytearray(cobs_decode(frame[:-1]))
+    raw = bytearray(unstuff(frame[:-1]))
     raw[-6] ^= 0x01
-    return cobs_encode(bytes(raw)) + b"\x00"
+    return stuff(bytes(raw)) + b"\x00"
 
 
 def test_missing_and_damaged_chunks_are_asked_for_by_index():
@@ -695,10 +809,10 @@ def test_session_naks_damaged_frames_and_signals_pending():
     reader = FrameReader()
     raw = bytearray(frame_raw(Frame(1, P.Cmd.STATUS, 0, b"")))
     raw[3] ^= 0x10
-    wire = cobs_encode(bytes(raw)) + b"\x00" + b"\x05\x01\x00" + b"\x02" * 10 + b"\x00"
+    wire = stuff(bytes(raw)) + b"\x00" + b"\xa6\x05\x00" + b"\x02" * 10 + b"\x00"
     faults = [e for e in reader.feed(wire) if isinstance(e, FrameFault)]
     naks = [decode_frame(s.nak(e)) for e in faults]
-    assert [n.payload[0] for n in naks] == [P.NakReason.CRC, P.NakReason.COBS,
+    assert [n.payload[0] for n in naks] == [P.NakReason.CRC, P.NakReason.ESCAPE,
                                             P.NakReason.LENGTH]
     assert all(n.seq == 0 and n.cmd == P.Cmd.NAK and n.flags == P.Flag.REPLY for n in naks)
     # a long command runs inside busy(); a quick one does not

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     where.add_argument("--pty", action="store_true", help="serve on a new pseudo-terminal")
     where.add_argument("--tcp", metavar="HOST:PORT", help="serve on TCP (e.g. 127.0.0.1:0)")
     p.add_argument("--dialect", choices=("frame", "scpi"), default="frame",
-                   help="frame: COBS frames for pyserial (default); scpi: for VISA")
+                   help="frame: byte-stuffed binary frames with CRC-32 for pyserial (default); scpi: for VISA")
     p.add_argument("--chip-seed", type=int, default=None, help="seed of the chip's mismatch")
     p.add_argument("--bit-flip-rate", type=float, default=0.0, help="bit flips per byte")
     p.add_argument("--drop-rate", type=float, default=0.0, help="dropped frames per frame")

@@ -225,6 +225,13 @@ class TTFSDevice(abc.ABC):
     def reset(self) -> None:
         """Return to the power-on state (no network programmed)."""
 
+    @property
+    def verifies_writes(self) -> bool:
+        """True when :meth:`write_weights` and :meth:`write_thresholds` verify what the chip
+        stored themselves (CRC or read-back inside the driver) and raise
+        :class:`WriteVerifyError` on a mismatch; callers may then skip their own read-back."""
+        return False
+
     def seed_noise(self, seed: int) -> None:
         """Reseed the random jitter, where the backend can (the emulator); a physical chip's
         trial-to-trial noise cannot be seeded and ignores this. Used so that a resumed run

@@ -1,6 +1,6 @@
-"""COBS framing of the frame dialect: codec, frame encode/decode, and a resynchronising reader.
+"""Framing of the frame dialect: byte stuffing, frame encode/decode, a resynchronising reader.
 
-A frame on the wire is ``cobs(raw) + b"\\x00"``; ``raw`` is laid out as in
+A frame on the wire is ``stuff(raw) + b"\\x00"``; ``raw`` is laid out as in
 :mod:`hwloop.devices.protocol`. The :class:`FrameReader` accepts any byte stream (garbage,
 banners, corrupted or truncated frames, hostile length fields) and yields only frames whose
 length and CRC check out; it never buffers more than ``MAX_ENCODED`` bytes.
@@ -12,72 +12,52 @@ import zlib
 from dataclasses import dataclass
 from typing import Union
 
-import numpy as np
-
 from hwloop.devices import protocol as P
 from hwloop.errors import ProtocolError
 
 
-def cobs_encode(data: bytes) -> bytes:
-    """Consistent Overhead Byte Stuffing: the result holds no 0x00 byte.
+#: The byte translation of step 1 of the stuffing: swaps 0x00 and ``P.ZERO_SUB`` (an involution,
+#: so the same table undoes it).
+_SWAP = bytes.maketrans(bytes([0, P.ZERO_SUB]), bytes([P.ZERO_SUB, 0]))
+_ESC = bytes([P.ESC])
+_ESC_ZERO = bytes([P.ESC, P.ESC_ZERO])
+_ESC_ESC = bytes([P.ESC, P.ESC_ESC])
+_ZERO = b"\x00"
 
-    Each zero-free run of the input becomes ``len+1`` followed by the run; runs of 254 bytes are
-    emitted as code 0xFF (no implied zero) and the rest continues in the next block.
-    Vectorised: the zeros are dropped and one code byte is inserted where each block starts.
+
+def stuff(data: bytes) -> bytes:
+    """Byte stuffing of protocol 3: the result holds no 0x00 byte (docs/protocol.md).
+
+    1. swap the byte values 0x00 and ``ZERO_SUB`` (0xA5), so that the zeros that fill binary
+       payloads cost nothing;
+    2. send every ``ESC`` (0xA6) as ``ESC ESC_ESC`` (0xA6 0x02), then
+    3. every 0x00 left (a raw 0xA5) as ``ESC ESC_ZERO`` (0xA6 0x01).
+
+    Only raw bytes 0xA5 and 0xA6 grow (to two bytes each); each step is one C-level pass
+    (``bytes.translate`` / ``bytes.replace``).
     """
-    buf = np.frombuffer(bytes(data), np.uint8)
-    n = buf.size
-    zeros = np.flatnonzero(buf == 0)
-    starts = np.concatenate(([0], zeros + 1))          # segment starts in data
-    lens = np.concatenate((zeros, [n])) - starts        # segment lengths
-    k = lens // 254 + 1                                 # code bytes per segment
-    body = buf[buf != 0] if zeros.size else buf
-    base = starts - np.arange(starts.size)              # segment start in zero-free data
-    if int(k.max()) == 1:
-        idx, codes = base, (lens + 1)
-    else:
-        seg = np.repeat(np.arange(starts.size), k)
-        first = np.cumsum(k) - k
-        j = np.arange(seg.size) - first[seg]
-        idx = base[seg] + 254 * j
-        last = j == k[seg] - 1
-        codes = np.where(last, lens[seg] - 254 * j + 1, 255)
-    out = np.insert(body, idx, codes.astype(np.uint8))
-    return out.tobytes()
+    return bytes(data).translate(_SWAP).replace(_ESC, _ESC_ESC).replace(_ZERO, _ESC_ZERO)
 
 
-def cobs_decode(data: bytes) -> bytes:
-    """Inverse of :func:`cobs_encode`.
+def unstuff(data: bytes) -> bytes:
+    """Inverse of :func:`stuff`.
 
     Raises:
-        ProtocolError: a zero byte inside, or a code that runs past the end.
+        ProtocolError: a zero byte inside, or an ``ESC`` not followed by ``ESC_ZERO`` or
+            ``ESC_ESC`` (a damaged or truncated escape).
     """
     data = bytes(data)
-    n = len(data)
-    if data.find(0) >= 0:
-        raise ProtocolError(f"COBS: zero byte at offset {data.find(0)}")
-    pos = []
-    i = 0
-    append = pos.append
-    while i < n:
-        append(i)
-        i += data[i]
-    if i != n:
-        raise ProtocolError(f"COBS: block at offset {pos[-1]} runs past the end "
-                            f"({data[pos[-1]]} > {n - pos[-1]})")
-    if not pos:
-        return b""
-    buf = np.frombuffer(data, np.uint8).copy()
-    p = np.asarray(pos)
-    codes = buf[p]
-    # each code byte after the first becomes the zero implied by the previous block
-    # (when that block's code was < 255) or disappears
-    keep = np.ones(n, bool)
-    keep[0] = False
-    later = p[1:]
-    buf[later] = 0
-    keep[later[codes[:-1] == 255]] = False
-    return buf[keep].tobytes()
+    if _ZERO in data:
+        raise ProtocolError(f"stuffing: zero byte at offset {data.find(0)}")
+    n_esc = data.count(_ESC)
+    if n_esc:
+        n_zero = data.count(_ESC_ZERO)
+        if n_esc != n_zero + data.count(_ESC_ESC):
+            raise ProtocolError("stuffing: escape byte 0xa6 not followed by 0x01 or 0x02")
+        if n_zero:
+            data = data.replace(_ESC_ZERO, _ZERO)
+        data = data.replace(_ESC_ESC, _ESC)
+    return data.translate(_SWAP)
 
 
 @dataclass(frozen=True)
@@ -94,7 +74,7 @@ class Frame:
 
 
 def frame_raw(frame: Frame) -> bytes:
-    """Header, payload and CRC of ``frame`` (before COBS)."""
+    """Header, payload and CRC of ``frame`` (before stuffing)."""
     if len(frame.payload) > P.MAX_PAYLOAD:
         raise ProtocolError(f"payload of {len(frame.payload)} bytes exceeds MAX_PAYLOAD "
                             f"{P.MAX_PAYLOAD}")
@@ -104,12 +84,12 @@ def frame_raw(frame: Frame) -> bytes:
 
 
 def encode_frame(frame: Frame) -> bytes:
-    """The bytes put on the wire for ``frame``: COBS encoding plus the 0x00 delimiter."""
-    return cobs_encode(frame_raw(frame)) + P.DELIMITER
+    """The bytes put on the wire for ``frame``: its stuffed bytes plus the 0x00 delimiter."""
+    return stuff(frame_raw(frame)) + P.DELIMITER
 
 
 def decode_raw(raw: bytes) -> Frame:
-    """Parse a COBS-decoded frame, checking the length field (bounded) and the CRC.
+    """Parse an unstuffed frame, checking the length field (bounded) and the CRC.
 
     Raises:
         ProtocolError: too short, a length field that disagrees or exceeds MAX_PAYLOAD, bad CRC.
@@ -135,7 +115,7 @@ def decode_frame(wire: bytes) -> Frame:
     """Decode one wire frame (with or without its trailing delimiter)."""
     if wire.endswith(P.DELIMITER):
         wire = wire[:-1]
-    return decode_raw(cobs_decode(wire))
+    return decode_raw(unstuff(wire))
 
 
 class BadCrc(ProtocolError):
@@ -144,7 +124,7 @@ class BadCrc(ProtocolError):
 
 @dataclass(frozen=True)
 class FrameFault:
-    """Something the reader threw away: ``kind`` is "crc", "cobs", "length" or "overflow"."""
+    """Something the reader threw away: ``kind`` is "crc", "escape", "length" or "overflow"."""
 
     kind: str
     detail: str
@@ -164,7 +144,7 @@ class FrameReader:
         self.max_encoded = max_encoded
         self._buf = bytearray()
         self._skipping = False
-        self.counts = {"frames": 0, "crc": 0, "cobs": 0, "length": 0, "overflow": 0}
+        self.counts = {"frames": 0, "crc": 0, "escape": 0, "length": 0, "overflow": 0}
 
     def reset(self) -> None:
         self._buf.clear()
@@ -203,10 +183,10 @@ class FrameReader:
 
     def _decode(self, encoded: bytes) -> Union[Frame, FrameFault]:
         try:
-            raw = cobs_decode(encoded)
+            raw = unstuff(encoded)
         except ProtocolError as e:
-            self.counts["cobs"] += 1
-            return FrameFault("cobs", str(e))
+            self.counts["escape"] += 1
+            return FrameFault("escape", str(e))
         try:
             frame = decode_raw(raw)
         except BadCrc as e:

@@ -20,9 +20,11 @@ _SERIAL = re.compile(r"^(socket://|loop://|rfc2217://|/dev/tty|/dev/pts/|/dev/cu
 _VISA = re.compile(r"^(TCPIP|ASRL|USB|GPIB)", re.IGNORECASE)
 
 _SERIAL_KW = ("timeout", "retries", "write_retries", "baudrate", "per_sample_timeout_s",
-              "chunk_bytes", "time_format", "verify", "byte_rate")
+              "chunk_bytes", "time_format", "verify", "byte_rate", "ack_timeout",
+              "reply_chunk_bytes", "sparse")
 _VISA_KW = ("backend", "timeout", "per_sample_timeout_s", "byte_rate", "chunk_codes",
-            "write_retries", "time_format", "resource_manager", "open_timeout", "verify")
+            "write_retries", "time_format", "resource_manager", "open_timeout", "verify",
+            "sparse")
 
 
 def backend_for(name: str) -> str:

@@ -3,8 +3,8 @@
 Two dialects carry the same operations (``docs/protocol.md`` is the normative description and
 is checked against this module by ``tests/test_protocol.py``):
 
-* **frame** (serial links: UART, USB-CDC, ``socket://``, pty): COBS-encoded binary frames, each
-  terminated by one 0x00 byte. A raw (decoded) frame is::
+* **frame** (serial links: UART, USB-CDC, ``socket://``, pty): byte-stuffed binary frames (no
+  0x00 inside), each terminated by one 0x00 byte. A raw (unstuffed) frame is::
 
       version u8 | seq u16 | cmd u8 | flags u8 | payload_len u32 | payload | crc32 u32
 
@@ -34,8 +34,10 @@ import numpy as np
 # ------------------------------------------------------------------------------------------------
 
 #: Version byte of every frame; a chip answers frames of another version with ``Err.VERSION``.
-#: Version 2 added RESEND, NAK, the PENDING flag and the NO_REPLY error (docs/protocol.md).
-PROTOCOL_VERSION = 2
+#: Version 2 added RESEND, NAK, the PENDING flag and the NO_REPLY error; version 3 replaced COBS
+#: by the byte stuffing below and added WRITE_WEIGHTS_SPARSE and HELLO ``features``
+#: (docs/protocol.md).
+PROTOCOL_VERSION = 3
 
 #: version u8, seq u16, cmd u8, flags u8, payload_len u32.
 HEADER = struct.Struct("<BHBBI")
@@ -48,17 +50,23 @@ FRAME_OVERHEAD = HEADER_SIZE + CRC_SIZE  # 13
 #: this bound before anything is allocated.
 MAX_FRAME = 65536
 MAX_PAYLOAD = MAX_FRAME - FRAME_OVERHEAD
-#: Delimiter between COBS-encoded frames.
+#: Delimiter between stuffed frames.
 DELIMITER = b"\x00"
+#: Byte stuffing (``framing.stuff``): the raw byte values 0x00 and ZERO_SUB trade places; then
+#: ESC is sent as ESC ESC_ESC and a 0x00 (a raw ZERO_SUB) as ESC ESC_ZERO.
+ZERO_SUB = 0xA5
+ESC = 0xA6
+ESC_ZERO = 0x01
+ESC_ESC = 0x02
 
 
-def cobs_max_encoded(n: int) -> int:
-    """Largest COBS encoding of ``n`` bytes (without the delimiter)."""
-    return n + n // 254 + 1
+def max_stuffed(n: int) -> int:
+    """Largest stuffed encoding of ``n`` bytes (without the delimiter): every byte escaped."""
+    return 2 * n
 
 
 #: Largest encoded frame between two delimiters; a reader that sees more discards and resyncs.
-MAX_ENCODED = cobs_max_encoded(MAX_FRAME)
+MAX_ENCODED = max_stuffed(MAX_FRAME)
 
 #: Chunk header at the start of the payload of every frame with :attr:`Flag.CHUNKED`:
 #: chunk index u16, chunk total u16.
@@ -85,6 +93,9 @@ class Cmd(enum.IntEnum):
     WRITE_WEIGHTS = 0x10
     READ_WEIGHTS = 0x11
     WEIGHTS_CRC = 0x12
+    #: Write scattered codes, (index, code) pairs, into the staged layer; only to a chip whose
+    #: HELLO lists ``FEATURE_SPARSE`` in ``features``.
+    WRITE_WEIGHTS_SPARSE = 0x13
     WRITE_THRESHOLDS = 0x18
     READ_THRESHOLDS = 0x19
     SET_WINDOWS = 0x20
@@ -140,7 +151,7 @@ class NakReason(enum.IntEnum):
     """The ``reason u8`` payload of a NAK: why the chip threw a piece of the stream away."""
 
     CRC = 1  # decoded, but the CRC does not match
-    COBS = 2  # not valid COBS
+    ESCAPE = 2  # not valid stuffing (an escape byte not followed by 0x01 / 0x02)
     LENGTH = 3  # shorter than a header, or a length field that disagrees / is out of bounds
     OVERFLOW = 4  # more than MAX_ENCODED bytes without a delimiter
 
@@ -183,6 +194,9 @@ SEED = struct.Struct("<Q")
 LAYER = struct.Struct("<H")
 #: WRITE_WEIGHTS header: layer u16, offset u32, count u32, scale f64; then ``count`` codes.
 WRITE_WEIGHTS_HDR = struct.Struct("<HIId")
+#: WRITE_WEIGHTS_SPARSE header: layer u16, count u32, scale f64; then ``count`` indices u32
+#: (strictly increasing, each < the layer's number of codes), then ``count`` codes.
+WRITE_WEIGHTS_SPARSE_HDR = struct.Struct("<HId")
 #: READ_WEIGHTS / READ_THRESHOLDS request: layer u16, offset u32, count u32.
 READ_RANGE = struct.Struct("<HII")
 #: READ_WEIGHTS reply header: scale f64, count u32; then ``count`` codes.
@@ -206,6 +220,8 @@ ERROR_HDR = struct.Struct("<H")
 #: Time formats a chip may offer in its HELLO JSON (``time_formats``).
 TIME_TICKS = "ticks"
 TIME_F64 = "f64"
+#: Optional commands a chip may offer in its HELLO JSON (``features``).
+FEATURE_SPARSE = "sparse_weights"
 
 # ------------------------------------------------------------------------------------------------
 # SCPI dialect
@@ -229,6 +245,8 @@ SCPI_COMMANDS = {
     "HWL:SEED": ("<seed>", "-"),
     "HWL:PROG": ("#<block: NetworkSpec JSON>", "-"),
     "HWL:WEIG": ("<layer>,<scale>[,<offset>,<commit 0|1>],#<block int32 LE>", "-"),
+    "HWL:WEIG:SPAR": ("<layer>,<scale>[,<commit 0|1>],#<block: n indices u32 LE, then n "
+                      "codes int32 LE>", "-"),
     "HWL:WEIG?": ("<layer>", "#<block int32 LE codes>"),
     "HWL:WEIG:SCAL?": ("<layer>", "<scale>"),
     "HWL:WEIG:CRC?": ("<layer>", "<crc32>,<scale>,<count>"),
@@ -312,6 +330,39 @@ def code_dtype(wide: bool) -> np.dtype:
     return DT_CODE32 if wide else DT_CODE16
 
 
+def encode_sparse(layer: int, indices: np.ndarray, codes: np.ndarray, scale: float,
+                  wide: bool) -> bytes:
+    """WRITE_WEIGHTS_SPARSE payload: ``codes[k]`` goes to flat index ``indices[k]``."""
+    idx = np.asarray(indices, dtype=np.int64)
+    return (WRITE_WEIGHTS_SPARSE_HDR.pack(int(layer), idx.size, float(scale)) +
+            idx.astype(DT_COUNT).tobytes() + np.asarray(codes).astype(code_dtype(wide)).tobytes())
+
+
+def decode_sparse(payload: bytes, wide: bool, n_codes: Optional[int] = None
+                  ) -> tuple[int, np.ndarray, np.ndarray, float]:
+    """Inverse of :func:`encode_sparse`: (layer, indices int64, codes int64, scale).
+
+    Raises:
+        ValueError: the count disagrees with the payload size, or the indices are not strictly
+            increasing, or (when ``n_codes`` is given) one is ``>= n_codes``.
+    """
+    if len(payload) < WRITE_WEIGHTS_SPARSE_HDR.size:
+        raise ValueError("WRITE_WEIGHTS_SPARSE payload shorter than its header")
+    layer, count, scale = WRITE_WEIGHTS_SPARSE_HDR.unpack_from(payload)
+    dt = code_dtype(wide)
+    if len(payload) != WRITE_WEIGHTS_SPARSE_HDR.size + count * (4 + dt.itemsize):
+        raise ValueError(f"payload of {len(payload)} bytes does not hold {count} (index, code) "
+                         "pairs")
+    off = WRITE_WEIGHTS_SPARSE_HDR.size
+    idx = np.frombuffer(payload, DT_COUNT, count, off).astype(np.int64)
+    codes = np.frombuffer(payload, dt, count, off + 4 * count).astype(np.int64)
+    if count > 1 and not bool(np.all(np.diff(idx) > 0)):
+        raise ValueError("indices must be strictly increasing")
+    if n_codes is not None and count and int(idx[-1]) >= n_codes:
+        raise ValueError(f"index {int(idx[-1])} beyond the layer's {n_codes} codes")
+    return layer, idx, codes, scale
+
+
 def error_payload(code: int, message: str) -> bytes:
     msg = message.encode("utf-8", "replace")[: MAX_PAYLOAD - ERROR_HDR.size - 64]
     return ERROR_HDR.pack(int(code)) + msg
@@ -358,10 +409,13 @@ def cmd_name(cmd: int) -> str:
         return f"0x{cmd:02x}"
 
 
-def hello_json(info_dict: dict, time_formats: list[str]) -> dict:
-    """The JSON object of a HELLO reply and of ``HWL:INFO?``."""
-    return {"protocol_version": PROTOCOL_VERSION, "info": info_dict,
-            "time_formats": list(time_formats)}
+def hello_json(info_dict: dict, time_formats: list[str], features=()) -> dict:
+    """The JSON object of a HELLO reply and of ``HWL:INFO?`` (``features`` only when some)."""
+    doc = {"protocol_version": PROTOCOL_VERSION, "info": info_dict,
+           "time_formats": list(time_formats)}
+    if features:
+        doc["features"] = list(features)
+    return doc
 
 
 @dataclass

@@ -13,13 +13,17 @@ Speaks the frame dialect of :mod:`hwloop.devices.protocol` through pyserial. Rel
 * every weight write is verified with WEIGHTS_CRC and every threshold write by read-back;
   a mismatch triggers a full rewrite, and after ``write_retries`` of those
   :class:`WriteVerifyError` names the layers;
-* the host keeps a shadow of the programmed codes and sends only the chunks that changed.
+* the host keeps a shadow of the programmed codes and sends only what changed: the changed
+  chunks, or (when the chip offers it and it is smaller) the changed codes as (index, code)
+  pairs with WRITE_WEIGHTS_SPARSE.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import select
 import time
 from typing import Any, Optional
 
@@ -74,6 +78,8 @@ class SerialDevice(TTFSDevice):
         time_format: "auto" (float64 times when the chip offers them, else ticks), "f64" or
             "ticks".
         port: an already-open pyserial-like object (tests); ``url`` is then only a label.
+        sparse: send changed weight codes as (index, code) pairs (WRITE_WEIGHTS_SPARSE) when
+            the chip offers it and that is smaller than the changed dense chunks.
     """
 
     def __init__(self, url: str, *, timeout: float = 2.0, retries: int = 5,
@@ -81,8 +87,10 @@ class SerialDevice(TTFSDevice):
                  per_sample_timeout_s: float = 0.01, chunk_bytes: int = 4096,
                  time_format: str = "auto", port: Any = None, verify: bool = True,
                  byte_rate: Optional[float] = None, ack_timeout: float = 0.05,
-                 reply_chunk_bytes: Optional[int] = None):
+                 reply_chunk_bytes: Optional[int] = None, sparse: bool = True):
         self.url = url
+        self.sparse = bool(sparse)
+        self._sparse = False
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.write_retries = int(write_retries)
@@ -115,6 +123,10 @@ class SerialDevice(TTFSDevice):
             except (serial.SerialException, ValueError, OSError) as e:
                 raise DeviceError(f"cannot open serial device {url!r}: {e}") from e
         self._port = port
+        # a plain POSIX tty/pty opened by pyserial: read its descriptor directly (_read_some)
+        fd = getattr(port, "fd", None)
+        self._fd = fd if (type(port).__module__ == "serial.serialposix" and
+                          isinstance(fd, int)) else None
         try:
             # pyserial flushes on open, but a chip may have sent a banner since then
             self._port.reset_input_buffer()
@@ -146,6 +158,22 @@ class SerialDevice(TTFSDevice):
     def _read_some(self, remaining: float, cmd: int, seq: int) -> bytes:
         import serial
         want = min(max(remaining, 0.001), 0.1)
+        fd = self._fd
+        if fd is not None:
+            # a POSIX port (tty, pty): wait and read on the descriptor directly; pyserial's
+            # read() reprograms the termios settings each time its timeout changes
+            try:
+                ready = select.select([fd], [], [], want)[0]
+                data = os.read(fd, 1 << 16) if ready else b""
+            except OSError as e:
+                raise DeviceError(f"{self._ctx(cmd, seq)}: link failed while reading (peer hung "
+                                  f"up?): {e}") from e
+            if ready and not data:
+                raise DeviceError(f"{self._ctx(cmd, seq)}: link failed while reading (peer hung "
+                                  "up?): the port reports data but returns none")
+            if data:
+                self.health["bytes_rx"] += len(data)
+            return data
         try:
             # wait for the first byte, then take whatever else is there without waiting
             # (``in_waiting`` is only 0/1 on socket:// ports, so it cannot size the read)
@@ -356,6 +384,16 @@ class SerialDevice(TTFSDevice):
         else:
             raise ValueError(f"time_format must be 'auto', 'f64' or 'ticks', got {time_format!r}")
         self.ratio = P.ticks_per_tau_c(self._info.tau_c_s, self._info.clock_period_s)
+        features = doc.get("features", [])
+        self._sparse = self.sparse and isinstance(features, list) and \
+            P.FEATURE_SPARSE in features
+
+
+    @property
+    def verifies_writes(self) -> bool:
+        """Every write is checked in the driver (weights by WEIGHTS_CRC, thresholds by
+        read-back) unless constructed with ``verify=False``."""
+        return bool(self.verify)
 
     def info(self) -> DeviceInfo:
         return self._info
@@ -420,22 +458,38 @@ class SerialDevice(TTFSDevice):
         step = self._codes_per_chunk(wide)
         starts = list(range(0, flat.size, step)) or [0]
         shadow = self._shadow_w.pop(layer, None)
+        sparse = None  # flat indices of the changed codes, when a sparse write is smaller
         if shadow is None or shadow[0].shape != flat.shape:
             todo = starts
         else:
-            todo = [s for s in starts if not np.array_equal(flat[s:s + step],
-                                                            shadow[0][s:s + step])]
+            diff = flat != shadow[0]
+            changed = np.flatnonzero(diff)
+            todo = [s for s in starts if diff[s:s + step].any()]
             if not todo and shadow[1] != scale:
                 todo = starts[:1]
+            if self._sparse and changed.size:
+                dense_bytes = sum(min(step, flat.size - s) for s in todo) * dt.itemsize
+                if changed.size * (4 + dt.itemsize) < dense_bytes:
+                    sparse = changed
         expect = P.weights_crc(flat, scale)
         flags = P.Flag.WIDE if wide else 0
         for attempt in range(self.write_retries + 1):
-            for i, s in enumerate(todo):
-                part = flat[s:s + step]
-                payload = P.WRITE_WEIGHTS_HDR.pack(layer, s, part.size, scale) + \
-                    part.astype(dt).tobytes()
-                commit = P.Flag.COMMIT if i == len(todo) - 1 else 0
-                self._transact(P.Cmd.WRITE_WEIGHTS, payload, flags | commit)
+            if sparse is not None:
+                per = (self.chunk_bytes - P.WRITE_WEIGHTS_SPARSE_HDR.size) // (4 + dt.itemsize)
+                pieces = range(0, sparse.size, per)
+                for i, s in enumerate(pieces):
+                    idx = sparse[s:s + per]
+                    commit = P.Flag.COMMIT if i == len(pieces) - 1 else 0
+                    self._transact(P.Cmd.WRITE_WEIGHTS_SPARSE,
+                                   P.encode_sparse(layer, idx, flat[idx], scale, wide),
+                                   flags | commit)
+            else:
+                for i, s in enumerate(todo):
+                    part = flat[s:s + step]
+                    payload = P.WRITE_WEIGHTS_HDR.pack(layer, s, part.size, scale) + \
+                        part.astype(dt).tobytes()
+                    commit = P.Flag.COMMIT if i == len(todo) - 1 else 0
+                    self._transact(P.Cmd.WRITE_WEIGHTS, payload, flags | commit)
             if not self.verify:
                 break
             crc, dscale, n = P.WEIGHTS_CRC_REPLY.unpack(
@@ -443,7 +497,7 @@ class SerialDevice(TTFSDevice):
             if crc == expect and n == flat.size and dscale == scale:
                 break
             self.health["verify_failures"] += 1
-            todo = starts  # rewrite everything
+            todo, sparse = starts, None  # rewrite everything
         else:
             raise WriteVerifyError(
                 f"{self._info.device_id} at {self.url}: layer {layer} weights do not verify "
@@ -456,13 +510,17 @@ class SerialDevice(TTFSDevice):
         n = math.prod(spec.weight_shape)
         wide = self._info.weight_bits > 16
         dt = P.code_dtype(wide)
-        step = self._codes_per_chunk(wide)
+        # one request per MAX_MESSAGE worth of codes: the chip splits the reply into frames
+        step = (P.MAX_MESSAGE - P.READ_WEIGHTS_REPLY.size) // dt.itemsize
         out = np.zeros(n, dtype=np.int64)
         scale = 0.0
         for s in range(0, max(n, 1), step):
             cnt = min(step, n - s)
             reply = self._transact(P.Cmd.READ_WEIGHTS, P.READ_RANGE.pack(layer, s, cnt),
                                    P.Flag.WIDE if wide else 0, expect_bytes=cnt * dt.itemsize)[1]
+            if len(reply) < P.READ_WEIGHTS_REPLY.size:
+                raise ProtocolError(f"{self._ctx(P.Cmd.READ_WEIGHTS)}: reply of {len(reply)} "
+                                    "bytes is shorter than its header")
             scale, got = P.READ_WEIGHTS_REPLY.unpack_from(reply)
             if got != cnt or len(reply) != P.READ_WEIGHTS_REPLY.size + cnt * dt.itemsize:
                 raise ProtocolError(f"{self._ctx(P.Cmd.READ_WEIGHTS)}: asked {cnt} codes, got "
@@ -475,13 +533,13 @@ class SerialDevice(TTFSDevice):
         return (self.chunk_bytes - P.WRITE_THRESHOLDS_HDR.size) // 8
 
     def _read_thr_flat(self, layer: int, n: int) -> np.ndarray:
-        step = self._values_per_chunk()
+        step = (P.MAX_MESSAGE - P.COUNT.size) // 8  # the chip splits the reply into frames
         out = np.zeros(n, dtype=np.float64)
         for s in range(0, n, step):
             cnt = min(step, n - s)
             reply = self._transact(P.Cmd.READ_THRESHOLDS, P.READ_RANGE.pack(layer, s, cnt),
                                    expect_bytes=8 * cnt)[1]
-            (got,) = P.COUNT.unpack_from(reply)
+            got = P.COUNT.unpack_from(reply)[0] if len(reply) >= P.COUNT.size else -1
             if got != cnt or len(reply) != P.COUNT.size + 8 * cnt:
                 raise ProtocolError(f"{self._ctx(P.Cmd.READ_THRESHOLDS)}: asked {cnt} values, got "
                                     f"{got}")

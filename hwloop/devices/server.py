@@ -68,6 +68,7 @@ class ChipCore:
         self._stage_t: dict[int, np.ndarray] = {}
         self.runs = 0
         self.time_formats = [P.TIME_TICKS, P.TIME_F64]
+        self.features = [P.FEATURE_SPARSE]
 
     # -- helpers ---------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable, *args):
@@ -102,7 +103,7 @@ class ChipCore:
 
     # -- operations ------------------------------------------------------------------------------
     def hello(self) -> dict:
-        return P.hello_json(self.info.model_dump(mode="json"), self.time_formats)
+        return P.hello_json(self.info.model_dump(mode="json"), self.time_formats, self.features)
 
     def seed_noise(self, seed: int) -> None:
         with self.lock:
@@ -128,11 +129,17 @@ class ChipCore:
             self._stage_t.clear()
 
     def write_weights(self, layer: int, offset: int, codes: np.ndarray, scale: float,
-                      commit: bool) -> None:
+                      commit: bool, indices: Optional[np.ndarray] = None) -> None:
+        """Stage ``codes`` at ``offset`` (or, with ``indices``, at those flat indices: a sparse
+        write, indices already checked increasing) and apply the layer on ``commit``."""
         with self.lock:
             spec = self._layer(layer, WEIGHT_KINDS)
             n = math.prod(spec.weight_shape)
-            self._range(offset, codes.size, n, f"WRITE_WEIGHTS layer {layer}")
+            if indices is None:
+                self._range(offset, codes.size, n, f"WRITE_WEIGHTS layer {layer}")
+            elif indices.size and int(indices[-1]) >= n:
+                raise ChipError(P.Err.RANGE, f"WRITE_WEIGHTS_SPARSE layer {layer}: index "
+                                             f"{int(indices[-1])} exceeds {n - 1}")
             bits = self.info.weight_bits
             lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
             if codes.size and (codes.min() < lo or codes.max() > hi):
@@ -145,7 +152,10 @@ class ChipCore:
                 cur, _ = self._call("read_weights", self.device.read_weights, layer)
                 st = [cur.detach().cpu().numpy().astype(np.int64).reshape(-1).copy(), scale]
                 self._stage_w[layer] = st
-            st[0][offset:offset + codes.size] = codes
+            if indices is None:
+                st[0][offset:offset + codes.size] = codes
+            else:
+                st[0][indices] = codes
             st[1] = float(scale)
             if commit:
                 del self._stage_w[layer]
@@ -300,7 +310,7 @@ class FrameSession:
 
     def nak(self, fault: FrameFault) -> bytes:
         """The NAK frame for a piece of the stream that was thrown away."""
-        reason = {"crc": P.NakReason.CRC, "cobs": P.NakReason.COBS, "length": P.NakReason.LENGTH,
+        reason = {"crc": P.NakReason.CRC, "escape": P.NakReason.ESCAPE, "length": P.NakReason.LENGTH,
                   "overflow": P.NakReason.OVERFLOW}.get(fault.kind, P.NakReason.LENGTH)
         self.stats["naks"] += 1
         return encode_frame(Frame(0, P.Cmd.NAK, P.Flag.REPLY, P.NAK_PAYLOAD.pack(reason)))
@@ -379,6 +389,12 @@ class FrameSession:
                 raise ValueError(f"payload of {len(payload)} bytes does not hold {count} codes")
             codes = np.frombuffer(payload, dt, count, P.WRITE_WEIGHTS_HDR.size).astype(np.int64)
             core.write_weights(layer, offset, codes, scale, bool(flags & P.Flag.COMMIT))
+            return b""
+        if cmd == P.Cmd.WRITE_WEIGHTS_SPARSE:
+            if P.FEATURE_SPARSE not in core.features:
+                raise ChipError(P.Err.UNKNOWN_COMMAND, f"unknown command 0x{cmd:02x}")
+            layer, idx, codes, scale = P.decode_sparse(payload, bool(flags & P.Flag.WIDE))
+            core.write_weights(layer, 0, codes, scale, bool(flags & P.Flag.COMMIT), idx)
             return b""
         if cmd == P.Cmd.READ_WEIGHTS:
             layer, offset, count = P.READ_RANGE.unpack_from(payload)
@@ -601,6 +617,17 @@ class ScpiSession:
                 raise ValueError("int32 block length not a multiple of 4")
             codes = np.frombuffer(blk, P.DT_CODE32).astype(np.int64)
             core.write_weights(layer, offset, codes, scale, commit)
+            return None
+        if head == "HWL:WEIG:SPAR":
+            blk = self._need_block(head, block)
+            layer, scale = int(args[0]), float(args[1])
+            commit = bool(int(args[2])) if len(args) > 2 else True
+            if len(blk) % 8:
+                raise ValueError("sparse block length not a multiple of 8")
+            cnt = len(blk) // 8
+            _, idx, codes, _ = P.decode_sparse(
+                P.WRITE_WEIGHTS_SPARSE_HDR.pack(0, cnt, 0.0) + blk, True)
+            core.write_weights(layer, 0, codes, scale, commit, idx)
             return None
         if head == "HWL:WEIG?":
             layer = int(args[0])
@@ -1044,7 +1071,7 @@ def serve(device: TTFSDevice, transport: str = "pty", host: str = "127.0.0.1", p
         transport: "pty" (a pseudo-terminal; its slave path is ``chip.pty_path``) or "tcp".
         host, port: TCP address; port 0 picks a free port (``chip.port``). Only loopback hosts
             unless ``allow_remote``.
-        dialect: "frame" (COBS frames, for pyserial) or "scpi" (for VISA).
+        dialect: "frame" (byte-stuffed frames, for pyserial) or "scpi" (for VISA).
         faults: link faults to inject.
         foreground: serve until Ctrl-C (the CLI); otherwise return at once, serving from
             daemon threads (tests).

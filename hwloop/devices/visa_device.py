@@ -44,15 +44,20 @@ class VisaDevice(TTFSDevice):
         chunk_codes: weight codes (and threshold values) per write command; only chunks that
             changed since the last verified write are sent.
         time_format: "auto" (F64 when the chip offers it), "f64" or "ticks".
+        sparse: send changed codes as (index, code) pairs (``HWL:WEIG:SPAR``) when the chip
+            offers it (``features`` of ``HWL:INFO?``) and that is smaller than the changed chunks.
         resource_manager: an existing ``pyvisa.ResourceManager`` to use.
     """
 
     def __init__(self, resource: str, *, backend: str = "@py", timeout: float = 5.0,
                  per_sample_timeout_s: float = 0.01, byte_rate: float = 10e6,
                  chunk_codes: int = 65536, write_retries: int = 2, time_format: str = "auto",
-                 resource_manager: Any = None, open_timeout: float = 5.0, verify: bool = True):
+                 resource_manager: Any = None, open_timeout: float = 5.0, verify: bool = True,
+                 sparse: bool = True):
         import pyvisa
         self.resource = resource
+        self.sparse = bool(sparse)
+        self._sparse = False
         self.timeout = float(timeout)
         self.per_sample_timeout_s = float(per_sample_timeout_s)
         self.byte_rate = float(byte_rate)
@@ -253,11 +258,21 @@ class VisaDevice(TTFSDevice):
         else:
             raise ValueError(f"time_format must be 'auto', 'f64' or 'ticks', got {time_format!r}")
         self.ratio = P.ticks_per_tau_c(self._info.tau_c_s, self._info.clock_period_s)
+        features = doc.get("features", [])
+        self._sparse = self.sparse and isinstance(features, list) and \
+            P.FEATURE_SPARSE in features
         self._set_tfor()
 
     def _set_tfor(self) -> None:
         self._write("HWL:TFOR " + ("F64" if self.f64 else "TICK"))
         self._check_errors("HWL:TFOR")
+
+
+    @property
+    def verifies_writes(self) -> bool:
+        """Every write is checked in the driver (weights by WEIGHTS_CRC, thresholds by
+        read-back) unless constructed with ``verify=False``."""
+        return bool(self.verify)
 
     def info(self) -> DeviceInfo:
         return self._info
@@ -333,19 +348,34 @@ class VisaDevice(TTFSDevice):
         step = self.chunk_codes
         starts = list(range(0, flat.size, step)) or [0]
         shadow = self._shadow_w.pop(layer, None)
+        sparse = None  # flat indices of the changed codes, when HWL:WEIG:SPAR is smaller
         if shadow is None or shadow[0].shape != flat.shape:
             todo = starts
         else:
-            todo = [s for s in starts if not np.array_equal(flat[s:s + step],
-                                                            shadow[0][s:s + step])]
+            diff = flat != shadow[0]
+            todo = [s for s in starts if diff[s:s + step].any()]
             if not todo and shadow[1] != scale:
                 todo = starts[:1]
+            changed = np.flatnonzero(diff)
+            if self._sparse and changed.size and \
+                    2 * changed.size < sum(min(step, flat.size - s) for s in todo):
+                sparse = changed
         expect = P.weights_crc(flat, scale)
         for attempt in range(self.write_retries + 1):
-            for i, s in enumerate(todo):
-                commit = int(i == len(todo) - 1)
-                self._write_block(f"HWL:WEIG {layer},{scale!r},{s},{commit},",
-                                  flat[s:s + step].astype(P.DT_CODE32), "i")
+            if sparse is not None:
+                per = max(1, step // 2)
+                pieces = range(0, sparse.size, per)
+                for i, s in enumerate(pieces):
+                    idx = sparse[s:s + per]
+                    block = np.concatenate([idx.astype(P.DT_COUNT),
+                                            flat[idx].astype(P.DT_CODE32).view(P.DT_COUNT)])
+                    commit = int(i == len(pieces) - 1)
+                    self._write_block(f"HWL:WEIG:SPAR {layer},{scale!r},{commit},", block, "I")
+            else:
+                for i, s in enumerate(todo):
+                    commit = int(i == len(todo) - 1)
+                    self._write_block(f"HWL:WEIG {layer},{scale!r},{s},{commit},",
+                                      flat[s:s + step].astype(P.DT_CODE32), "i")
             self._check_errors("HWL:WEIG")
             if not self.verify:
                 break
@@ -353,7 +383,7 @@ class VisaDevice(TTFSDevice):
             if crc == expect and dscale == scale and n == flat.size:
                 break
             self.health["verify_failures"] += 1
-            todo = starts
+            todo, sparse = starts, None
         else:
             raise WriteVerifyError(
                 f"{self._info.device_id} at {self.resource}: layer {layer} weights do not verify "
