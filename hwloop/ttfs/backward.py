@@ -83,8 +83,18 @@ def backward_from_spike_times(net: TTFSNetwork, stage_times: list[torch.Tensor],
             t_out = stage_times[stage_in[li] + 1].to(dtype)
             if l1:
                 g = g + l1 / t_out.shape[0]
-            da = g * torch.isfinite(t_out).to(dtype)  # firing mask M, Eq. (4)
+            mask = torch.isfinite(t_out)  # firing mask M, Eq. (4)
             W = layer.weight.detach().to(dtype)
+            if layer.clamp_early:
+                # A spike that would come before t_min counts as at t_min (Methods (ii), (iv)):
+                # the clipped ReLU min(a, t_max - t_min) has no gradient where it saturates.
+                # Whether a neuron saturated is decided by its nominal pre-activation, since a
+                # measured time at t_min also carries comparator delay and jitter.
+                with torch.no_grad():
+                    a = layer.potential(x_in.to(layer.weight.dtype)).to(dtype)
+                    a = a + layer.D.detach().to(dtype).view(-1, *([1] * (a.ndim - 2)))
+                mask = mask & (a <= float(layer.t_max - layer.t_min))
+            da = g * mask.to(dtype)
             if isinstance(layer, SpikingDense):
                 grads[f"{name}.weight"] = da.T @ x_in
                 grads[f"{name}.D"] = da.sum(0)
