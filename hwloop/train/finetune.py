@@ -297,6 +297,7 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
 
         if before is None:
             log("evaluating before fine-tuning (ReLU, ideal SNN, device)")
+            device.seed_noise(ft.seed * 1_000_003 - 1)  # reproducible evaluation on an emulator
             before = {"relu": evaluate_net(relu, xte, yte)["accuracy"],
                       "ideal_snn": evaluate_net(ideal, xte, yte),
                       "device": evaluate_device(device, shadow, xte, yte, opts.eval_batch_size)}
@@ -348,10 +349,12 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
         ft_time = time.time() - t_ft
 
         log("evaluating after fine-tuning")
+        device.seed_noise(ft.seed * 1_000_003 - 2)
         after = {"device": evaluate_device(device, shadow, xte, yte, opts.eval_batch_size)}
         report = {
             "dataset": opts.dataset, "arch": opts.arch, "n_train": int(n_train), "n_test": int(xte.shape[0]),
             "window_percentile": pct, "weight_bits": state.weight_bits,
+            "windows_tau_c": shadow.windows(), "latency_tau_c": shadow.t_read() - shadow.t_max0 + 1.0,
             "relu_twin": relu_info, "before": before, "after": after, "history": history,
             "finetune": ft.model_dump(), "steps_per_epoch": steps_per_epoch,
             "finetune_wall_time_s": round(ft_time, 2), "wall_time_s": round(time.time() - t_start, 2),
