@@ -102,10 +102,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"hwloop {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:
+        # a file or port the user named: missing, not writable, refused ...
+        if args.debug:
+            traceback.print_exc()
+        print(f"hwloop {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ValueError, OverflowError) as exc:
+        # bad values that reached a library check (pydantic's ValidationError is a ValueError);
+        # --debug shows where
+        if args.debug:
+            traceback.print_exc()
+        print(f"hwloop {args.command}: error: {_one_line(exc)} (--debug for details)",
+              file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        print("hwloop: interrupted", file=sys.stderr)
+        print("\nhwloop: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return int(result or 0)
+
+
+def _one_line(exc: Exception) -> str:
+    """A pydantic ValidationError as 'field=value: message'; other errors as their text."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            e = errors()[0]
+            loc = ".".join(str(x) for x in e.get("loc", ()))
+            return f"invalid {loc}={e.get('input')!r}: {e.get('msg')}"
+        except Exception:  # pragma: no cover - fall back to the plain text
+            pass
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

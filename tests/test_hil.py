@@ -158,3 +158,14 @@ def test_finetune_end_to_end_synthetic(tmp_path):
     assert rep["before"]["device"]["energy_j_per_sample"] > 0
     assert rep["provenance"]["device_id"].startswith("emu-analog")
     assert rep["after"]["device"]["accuracy"] >= rep["before"]["device"]["accuracy"] - 0.02
+
+
+def test_resume_refuses_another_chip_or_other_options(tmp_path):
+    opts = _opts(tmp_path, ft={"epochs": 1})
+    run_finetune(opts, log=lambda m: None)
+    with pytest.raises(CheckpointError, match="same chip"):
+        run_finetune(opts.model_copy(update={"resume": True, "chip_seed": 4}), log=lambda m: None)
+    other = opts.model_copy(update={"resume": True,
+                                    "finetune": opts.finetune.model_copy(update={"lr": 1e-3})})
+    with pytest.raises(CheckpointError, match="lr: checkpoint 0.002, now 0.001"):
+        run_finetune(other, log=lambda m: None)

@@ -36,16 +36,27 @@ def register(subparsers) -> None:
     p.add_argument("--window-percentile", type=float, default=None,
                    help="windows hold this percentile of activations (default: the profile's)")
     p.add_argument("--calibration", default=None, help="calibration record to compensate with")
-    p.add_argument("--out", default="runs/finetune", help="output folder")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: a new runs/finetune-<UTC date-time>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON too")
     p.set_defaults(func=run)
 
 
+def default_out() -> str:
+    import datetime as dt
+    return "runs/finetune-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
 def options_from_args(args: argparse.Namespace):
+    from hwloop.errors import CheckpointError
     from hwloop.train.finetune import FinetuneOptions
     from hwloop.train.hil import FinetuneConfig
+    if args.out is None:
+        if args.resume:
+            raise CheckpointError("--resume needs --out: the folder of the run to continue")
+        args.out = default_out()
     ft = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, l1=args.l1,
                         seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch)
     return FinetuneOptions(device=args.device, chip_seed=args.chip_seed, dataset=args.dataset,

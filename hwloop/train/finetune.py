@@ -72,7 +72,8 @@ def load_data(opts: FinetuneOptions):
     if opts.dataset == "synthetic":
         from hwloop.data.datasets import synthetic_dataset
         n_tr, n_te = opts.train_subset or 2000, opts.test_subset or 500
-        x, y = synthetic_dataset(n_tr + n_te, (1, 12, 12), 4, seed=opts.finetune.seed, noise=0.35)
+        shape = (1, 12, 12) if opts.arch in ("fc2", "fc16") else (1, 28, 28)  # conv nets need 28x28
+        x, y = synthetic_dataset(n_tr + n_te, shape, 4, seed=opts.finetune.seed, noise=0.35)
         return x[:n_tr], y[:n_tr], x[n_tr:], y[n_tr:]
     from hwloop.data.datasets import load_dataset
     xtr, ytr = load_dataset(opts.dataset, "train", opts.data_dir)
@@ -253,19 +254,18 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
     if not opts.resume and ckpt.exists():
         raise CheckpointError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
 
-    data = load_data(opts)
-    xtr, ytr, xte, yte = data
-    relu, relu_info = relu_twin(opts, data, log)
-    net = convert(relu, xtr[:2000].to(torch.float64), dtype=torch.float64)
-    ideal = copy.deepcopy(net)
-
+    # the device and the calibration record first: a wrong name fails before any training
     calibration = None
     if opts.calibration:
         from hwloop.calibrate.record import load_record
         calibration = load_record(opts.calibration)
-
     device = open_named_device(opts.device, opts.chip_seed, opts.profile_overrides)
     try:
+        data = load_data(opts)
+        xtr, ytr, xte, yte = data
+        relu, relu_info = relu_twin(opts, data, log)
+        net = convert(relu, xtr[:2000].to(torch.float64), dtype=torch.float64)
+        ideal = copy.deepcopy(net)
         shadow, state, pct = map_network(device, net, xtr, opts.window_percentile, calibration)
         info = device.info()
         log(f"device {info.device_id} (firmware {info.firmware_version}): weight bits "
@@ -281,10 +281,16 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
         trainer = HILTrainer(device, shadow, state, ft)
         start_epoch, history, before = 0, [], None
         if opts.resume:
-            ck = load_checkpoint(ckpt, fallback=True)
-            if ck.get("options", {}).get("finetune") != ft.model_dump():
-                raise CheckpointError(f"{ckpt} was written with other fine-tuning options; "
-                                      "resume with the same options")
+            ck = _load_for_resume(ckpt, log)
+            saved = ck.get("options", {}).get("finetune", {})
+            diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in ft.model_dump().items()
+                    if saved.get(k) != v]
+            if diff:
+                raise CheckpointError(f"{ckpt} was written with other fine-tuning options ("
+                                      + "; ".join(diff) + "); resume with the same options")
+            if ck.get("device_id") not in (None, info.device_id):
+                raise CheckpointError(f"{ckpt} was written on device {ck.get('device_id')!r}, "
+                                      f"this run is on {info.device_id!r}: resume on the same chip")
             shadow.load_state_dict(ck["shadow"])
             trainer.opt.load_state_dict(ck["optimizer"])
             trainer.state = state_from_dict(ck["state"], state)
@@ -345,6 +351,7 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
                                        "state": state_to_dict(trainer.state),
                                        "history": history, "before": before,
                                        "device_calls": trainer.device_calls,
+                                       "device_id": info.device_id,
                                        "options": opts.model_dump(mode="json")})
         ft_time = time.time() - t_ft
 
@@ -372,6 +379,17 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
     os.replace(tmp, out / "report.json")
     torch.save({"shadow": shadow.state_dict()}, out / "final_weights.pt")
     return report
+
+
+def _load_for_resume(ckpt: Path, log: Callable[[str], None]) -> dict:
+    """The checkpoint to resume from; says so when the previous one had to stand in."""
+    try:
+        return load_checkpoint(ckpt)
+    except CheckpointError as exc:
+        state = load_checkpoint(ckpt, fallback=True)  # raises, naming both, if .prev fails too
+        log(f"warning: {exc}; resuming from the previous checkpoint {ckpt}.prev "
+            f"(after epoch {state.get('epoch')})")
+        return state
 
 
 def _weights_digest(net: TTFSNetwork) -> str:
