@@ -9,7 +9,6 @@ last checkpoint intact.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from hwloop.devices.emulator import EmulatorDevice
 from hwloop.devices.server import FaultConfig, serve

@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from hwloop.devices.base import NetworkSpec
-from hwloop.errors import CheckpointError, DataError
+from hwloop.errors import CheckpointError
 from hwloop.mapping import ProgramState, apply_windows, latency_windows, program_network
 from hwloop.provenance import provenance
 from hwloop.train.checkpoint import load_checkpoint, save_checkpoint

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from hwloop.devices.base import NEURON_KINDS, DeviceRecord, TTFSDevice
+from hwloop.devices.base import DeviceRecord, TTFSDevice
 from hwloop.errors import WriteVerifyError
 from hwloop.mapping import ProgramState
 from hwloop.ttfs import TTFSNetwork, apply_gradients, backward_from_spike_times

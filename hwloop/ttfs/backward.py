@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from hwloop.ttfs.coding import decode
 from hwloop.ttfs.layers import Flatten, NeuronLayer, Readout, SpikingConv2d, SpikingDense, SpikingMaxPool2d
 from hwloop.ttfs.network import TTFSNetwork
 

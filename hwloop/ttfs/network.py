@@ -8,7 +8,7 @@ every :class:`SpikingDense`, :class:`SpikingConv2d` and :class:`SpikingMaxPool2d
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 from torch import nn
