@@ -90,7 +90,13 @@ def build_parser(modules: Sequence[str] | None = None) -> argparse.ArgumentParse
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere on the line, also after the subcommand
+    debug = "--debug" in argv[1:]
+    if debug:
+        argv = [argv[0]] + [a for a in argv[1:] if a != "--debug"]
     args = parser.parse_args(argv)
+    args.debug = bool(args.debug or debug)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

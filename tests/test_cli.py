@@ -175,3 +175,11 @@ def test_train_missing_dataset_is_clean_error(tmp_path, monkeypatch, capsys):
     assert err.startswith("hwloop train: error: dataset 'mnist' (train split) not found")
     assert str(tmp_path / "d") in err and "Traceback" not in err
     assert issubclass(DatasetNotFound, HwloopError)
+
+
+def test_debug_flag_after_the_subcommand_shows_the_traceback(capsys):
+    from hwloop import cli
+    rc = cli.main(["devices", "show", "no-such-profile", "--debug"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" in err and "no-such-profile" in err
