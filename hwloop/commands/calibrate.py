@@ -8,6 +8,7 @@ will run, given as ``--arch`` on ``--dataset``'s input shape (fc2 on fashion-mni
 from __future__ import annotations
 
 import argparse
+import os
 import json
 
 
@@ -32,6 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "synthetic"),
                    help="input shape and classes of the topology (default fashion-mnist)")
     p.add_argument("--out", default=None, help="record path (default calibration/<device-id>.json)")
+    p.add_argument("--force", action="store_true", help="replace an existing record at --out")
     p.add_argument("--repeats", type=int, default=16, help="repeats per probe setting (default 16)")
     p.add_argument("--levels", type=int, default=12, help="threshold levels per width (default 12)")
     p.add_argument("--widths", default="2,8,32",
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from hwloop.calibrate.fit import (CalibrationOptions, calibrate_device, default_record_path,
                                       spec_for_arch)
     from hwloop.calibrate.record import save_record
-    from hwloop.errors import DataError
+    from hwloop.errors import CalibrationError, DataError
     from hwloop.train.finetune import open_named_device
 
     try:
@@ -58,8 +60,20 @@ def run(args: argparse.Namespace) -> int:
     opts = CalibrationOptions(repeats=args.repeats, levels=args.levels, widths=widths,
                               synapse_gains=not args.no_synapse_gains, seed=args.seed, log=print)
     with open_named_device(args.device, args.chip_seed) as dev:
+        # where the record goes is settled before any probing: a record that exists is kept
+        # unless --force, and an unwritable folder fails now, not after the measurement
+        out = args.out or default_record_path(dev.info().device_id)
+        folder = os.path.dirname(os.path.abspath(out))
+        if os.path.exists(out) and not args.force:
+            raise CalibrationError(f"{out} exists: pass --force to replace that chip's record, or "
+                                   "choose another --out")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise CalibrationError(f"--out {out}: folder {folder} cannot be made: {exc}") from None
+        if not os.access(folder, os.W_OK):
+            raise CalibrationError(f"--out {out}: folder {folder} is not writable")
         rec = calibrate_device(dev, spec, opts, arch=args.arch, chip_seed=args.chip_seed)
-    out = args.out or default_record_path(rec.device_id)
     h = save_record(out, rec)
     s = rec.summary()
     print(f"device {rec.device_id}: {rec.device_runs} runs, {rec.samples} samples, "
