@@ -58,6 +58,39 @@ def test_hil_on_ideal_device_follows_software_training():
         assert torch.equal(rc, net_hw.layers[i].weight.detach())
 
 
+def test_hil_conv_net_on_ideal_device_follows_software_training():
+    """The same with convolution, max pooling and a zero-padded conv after batch norm."""
+    x, y = synthetic_dataset(256, (1, 12, 12), 4, seed=1, noise=0.45)
+    x = x.double()
+    torch.manual_seed(1)
+    relu = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(6 * 6 * 6, 4)).double()
+    with torch.no_grad():
+        relu[3].running_mean.uniform_(-0.2, 0.2)
+        relu[3].running_var.uniform_(0.5, 1.5)
+    relu.eval()
+    net_sw = hwloop.convert(relu, x[:128])
+    net_hw = copy.deepcopy(net_sw)
+    dev = EmulatorDevice.from_profile(IDEAL)
+    trainer = HILTrainer(dev, net_hw, program_network(dev, net_hw),
+                         FinetuneConfig(lr=2e-3, batch_size=16, lr_schedule="constant",
+                                        label_smoothing=0.0))
+    opt = torch.optim.Adam(net_sw.parameters(), lr=2e-3)
+    for s in range(16):
+        xb, yb = x[16 * s:16 * (s + 1)], y[16 * s:16 * (s + 1)]
+        trainer.step(xb, yb)
+        opt.zero_grad()
+        stages, logits = net_sw.run(net_sw.encode(xb))
+        nn.functional.cross_entropy(logits, yb).backward()
+        opt.step()
+        net_sw.adapt_windows(stages)
+    worst = max(float((a - b).detach().abs().max())
+                for a, b in zip(net_sw.parameters(), net_hw.parameters()))
+    assert worst <= 1e-6
+    assert any(getattr(l, "in_shift", None) is not None for l in net_hw.layers)
+
+
 def _opts(tmp_path, **kw):
     ft = FinetuneConfig(**{"epochs": 2, "lr": 2e-3, "batch_size": 50, **kw.pop("ft", {})})
     return FinetuneOptions(dataset="synthetic", device=ANALOG, chip_seed=3, out=str(tmp_path / "run"),
