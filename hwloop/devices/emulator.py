@@ -56,7 +56,6 @@ import torch.nn.functional as F
 from hwloop.devices.base import (NEURON_KINDS, WEIGHT_KINDS, DeviceInfo, DeviceRecord, NetworkSpec,
                                  TTFSDevice, check_codes, check_fits)
 from hwloop.devices.profile import DeviceProfile, load_profile
-from hwloop.energy import network_energy
 from hwloop.errors import DataError, DeviceError, DeviceLimitError
 from hwloop.quant import TICK_TOL, fired_indicator, quantize_times, silence_where_
 
@@ -153,11 +152,7 @@ class EmulatorDevice(TTFSDevice):
         self._w_eff: dict[int, torch.Tensor] = {}
         self.frozen: dict[int, dict[str, torch.Tensor]] = {}
         self._z: dict[int, dict[str, torch.Tensor]] = {}
-
-    def seed_noise(self, seed: int) -> None:
-        """Reseed the random-jitter generator (the frozen mismatch is unaffected)."""
-        self.jitter_seed = int(seed)
-        self._jitter_gen.manual_seed(self.jitter_seed)
+        self._consts: dict[int, dict] = {}  # per-layer run constants (see _layer_constants)
 
     def seed_noise(self, seed: int) -> None:
         """Reseed the random-jitter generator (the frozen mismatch is not affected)."""
@@ -259,6 +254,7 @@ class EmulatorDevice(TTFSDevice):
         if not bool(torch.isfinite(values).all()):
             raise DeviceError(f"layer {layer}: thresholds must be finite")
         self._thresholds[layer] = values.detach().clone()
+        self._consts.pop(layer, None)
 
     def read_thresholds(self, layer: int) -> torch.Tensor:
         self._check_layer(layer, NEURON_KINDS + ("readout",), "read_thresholds")
@@ -284,6 +280,7 @@ class EmulatorDevice(TTFSDevice):
                 if layer.kind == "readout":
                     layers[i] = layer.model_copy(update={"t_min": last.t_min, "t_max": last.t_max})
         self._spec = spec.model_copy(update={"layers": tuple(layers)})
+        self._consts.clear()
 
     # ------------------------------------------------------------------ running
     def noise_shapes(self) -> list[tuple[int, ...]]:
@@ -317,7 +314,13 @@ class EmulatorDevice(TTFSDevice):
         return self.simulate(t_in, self.draw_noise(int(t_in.shape[0])))
 
     def _layer_constants(self, i: int) -> dict:
-        """Per-neuron constants of neuron layer ``i`` for the current thresholds and window."""
+        """Per-neuron constants of neuron layer ``i`` for the current thresholds and window.
+
+        Cached: they only change with :meth:`write_thresholds`, :meth:`set_windows` and
+        :meth:`program` (which drop the cache)."""
+        c = self._consts.get(i)
+        if c is not None:
+            return c
         layer = self._spec.layers[i]
         p, m, fz = self.profile, self.profile.mismatch, self.frozen[i]
         t_min, t_max = float(layer.t_min), float(layer.t_max)
@@ -331,12 +334,22 @@ class EmulatorDevice(TTFSDevice):
             slope = fz["ramp"] / fz["capacitance"]
         # emission time t_e = lead + gap / slope (+ jitter); lead = t_min + comparator delay
         lead = t_min + fz["comparator_delay"] if m.comparator_delay_sd else None
-        return {"t_min": t_min, "t_max": t_max, "width": width, "theta": theta,
-                "inv_cap": None if cap is None else 1.0 / cap,
-                "inv_slope": None if slope is None else 1.0 / slope,
-                "ramp_width": width if slope is None else slope * width, "lead": lead,
-                "cap_f": p.capacitance_f if cap is None else p.capacitance_f * cap,
-                "vpu": p.threshold_voltage_v / width}
+        cap_f = p.capacitance_f if cap is None else p.capacitance_f * cap
+        vpu = p.threshold_voltage_v / width
+        # energy (hwloop.energy.layer_energy with per-neuron constants): a fired neuron costs
+        # e_fire = T_r + C theta^2 v^2 / 2, a silent one C V(t_max)^2 v^2 / 2; the second column
+        # of ``fire_mat`` counts the spikes in the same product
+        shape = tuple(layer.out_shape)
+        half_cu2 = ((0.5 * vpu * vpu) * torch.as_tensor(cap_f, dtype=F64)).expand(shape).reshape(-1)
+        e_fire = float(p.transmission_energy_j) + half_cu2 * theta.expand(shape).reshape(-1) ** 2
+        c = {"t_min": t_min, "t_max": t_max, "width": width, "theta": theta,
+             "inv_cap": None if cap is None else 1.0 / cap,
+             "inv_slope": None if slope is None else 1.0 / slope,
+             "ramp_width": width if slope is None else slope * width, "lead": lead,
+             "cap_f": cap_f, "vpu": vpu, "half_cu2": half_cu2.contiguous(),
+             "fire_mat": torch.stack([e_fire, torch.ones_like(e_fire)], 1)}
+        self._consts[i] = c
+        return c
 
     def simulate(self, input_spike_times: torch.Tensor,
                  noise: list[Optional[torch.Tensor]]) -> DeviceRecord:
@@ -357,7 +370,7 @@ class EmulatorDevice(TTFSDevice):
         if K:
             t = quantize_times(t, gate, spec.t_max0, K, out=t)
         stages = [t]
-        spiked, v_list, thetas, caps, vpus, counts = [], [], [], [], [], []
+        v_list, energies, counts = [], [], []
         readout = None
         k = 1
         for i, layer in enumerate(spec.layers):
@@ -390,17 +403,19 @@ class EmulatorDevice(TTFSDevice):
                     t_e.mul_(dt).add_(t_min)
                 elif c["lead"] is not None or js:
                     torch.minimum(room, torch.rsub(t_e, t_max), out=room)  # and t_e < t_max
-                fired = fired_indicator(room)               # float 1.0 / 0.0
+                fired = fired_indicator(room)               # float 1.0 / +0.0
+                del room
                 t_out = silence_where_(t_e, fired)
                 # V(t_max) of silent neurons: the ramp's end, held at threshold if it crossed
                 v_end = v.add_(c["ramp_width"])
                 v_end = torch.minimum(v_end, theta, out=v_end).mul_(torch.rsub(fired, 1.0))
-                spiked.append(fired)
+                # energy and spike count in one product (v_end is already 0 where fired)
+                f2 = fired.view(fired.shape[0], -1)
+                v2 = v_end.reshape(f2.shape)
+                ec = f2.mm(c["fire_mat"])
+                energies.append(torch.addmv(ec[:, 0], v2 * v2, c["half_cu2"]))
+                counts.append(ec[:, 1])  # float, exact up to 2^53
                 v_list.append(v_end)
-                thetas.append(theta)
-                caps.append(c["cap_f"])
-                vpus.append(c["vpu"])
-                counts.append(fired.flatten(1).sum(1))  # float, exact up to 2^53
                 t = t_out
                 gate = t_min
                 stages.append(t)
@@ -426,8 +441,8 @@ class EmulatorDevice(TTFSDevice):
         if readout is None:  # pragma: no cover - NetworkSpec from mapping always has a readout
             raise DeviceError("the programmed network has no readout layer")
         batch = int(stages[0].shape[0])
-        energy = (network_energy(spiked, thetas, v_list, caps, p.transmission_energy_j, vpus)
-                  if spiked else torch.zeros(batch, 0, dtype=F64))
+        energy = (torch.stack(energies, 1) if energies
+                  else torch.zeros(batch, 0, dtype=F64))
         spike_counts = (torch.stack(counts, 1).to(torch.int64) if counts
                         else torch.zeros(batch, 0, dtype=torch.int64))
         return DeviceRecord(
