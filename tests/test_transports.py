@@ -365,3 +365,32 @@ def test_seed_noise_crosses_the_wire(chip_factory, dialect):
     chip2 = chip_factory("fake", transport="tcp", dialect=dialect)
     with open_device(chip2.url, timeout=1.0) as dev:
         dev.seed_noise(1)
+
+
+def test_heavy_bit_flips_never_close_the_link(chip_factory, caplog):
+    # 10x the rate above: nearly every large frame arrives damaged; the chip NAKs each and keeps
+    # the link, and the host gets exact results
+    chip = chip_factory(transport="tcp", faults=FaultConfig(bit_flip_rate=1e-3, seed=11))
+    with caplog.at_level("INFO", logger="hwloop.devices.server"):
+        with SerialDevice(chip.url, timeout=0.5, chunk_bytes=1024, retries=8) as dev:
+            setup(dev)
+            for i in range(3):
+                x = grid_inputs(SPEC, 16, seed=20 + i)
+                assert_same(dev.run(x), reference(x))
+            assert dev.health["naks"] + dev.health["crc_errors"] > 0
+        deadline = time.monotonic() + 2.0
+        while "closed the link" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert chip.stats["connections"] == 1 and chip.stats["bad_frames"] > 0
+    assert chip.stats["internal_errors"] == 0
+    assert "closed the link: the peer hung up" in caplog.text  # the host's close, logged
+
+
+def test_chip_logs_why_it_closes_a_link(chip_factory, caplog):
+    chip = chip_factory(transport="tcp", faults=FaultConfig(disconnect_after=2))
+    with caplog.at_level("INFO", logger="hwloop.devices.server"):
+        dev = SerialDevice(chip.url, timeout=1.0)
+        with pytest.raises(DeviceError):
+            dev.status()
+        dev.close()
+    assert "disconnect_after=2" in caplog.text

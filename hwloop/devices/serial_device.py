@@ -31,13 +31,10 @@ import numpy as np
 import torch
 
 from hwloop.devices import protocol as P
-from hwloop.devices.base import (DeviceInfo, DeviceRecord, NetworkSpec, TTFSDevice, check_codes,
-                                 NEURON_KINDS, WEIGHT_KINDS)
+from hwloop.devices.base import NetworkSpec, WEIGHT_KINDS
 from hwloop.devices.framing import Frame, FrameFault, FrameReader, encode_frame, split_chunks
-from hwloop.errors import (DeviceError, DeviceLimitError, DeviceTimeout, ProtocolError,
-                           WriteVerifyError)
-
-THRESHOLD_KINDS = NEURON_KINDS + ("readout",)
+from hwloop.devices.host import HEALTH_KEYS, THRESHOLD_KINDS, HostDevice  # noqa: F401
+from hwloop.errors import DeviceError, DeviceLimitError, DeviceTimeout, ProtocolError
 
 
 def error_from_code(code: int, message: str, context: str) -> DeviceError:
@@ -54,7 +51,7 @@ def error_from_code(code: int, message: str, context: str) -> DeviceError:
     return exc
 
 
-class SerialDevice(TTFSDevice):
+class SerialDevice(HostDevice):
     """A chip behind a pyserial URL.
 
     Args:
@@ -89,21 +86,16 @@ class SerialDevice(TTFSDevice):
                  byte_rate: Optional[float] = None, ack_timeout: float = 0.05,
                  reply_chunk_bytes: Optional[int] = None, sparse: bool = True):
         self.url = url
-        self.sparse = bool(sparse)
-        self._sparse = False
+        self._init_host(verify=verify, write_retries=write_retries, sparse=sparse,
+                        health=HEALTH_KEYS + ("frames_tx", "frames_rx", "stale_frames",
+                                              "verify_failures", "naks", "resends", "nudges"))
         self.timeout = float(timeout)
         self.retries = int(retries)
-        self.write_retries = int(write_retries)
         self.per_sample_timeout_s = float(per_sample_timeout_s)
         self.chunk_bytes = max(256, min(int(chunk_bytes), P.MAX_PAYLOAD))
         self.reply_chunk_bytes = max(256, min(int(reply_chunk_bytes) if reply_chunk_bytes
                                               else min(self.chunk_bytes, 1024), P.MAX_PAYLOAD))
         self.ack_timeout = float(ack_timeout)
-        self.verify = verify
-        self.health = {"retries": 0, "crc_errors": 0, "timeouts": 0, "resyncs": 0,
-                       "bytes_tx": 0, "bytes_rx": 0, "frames_tx": 0, "frames_rx": 0,
-                       "stale_frames": 0, "verify_failures": 0, "naks": 0, "resends": 0,
-                       "nudges": 0}
         is_virtual = url.startswith(("socket://", "loop://", "rfc2217://")) or port is not None
         if byte_rate is not None:
             self._byte_rate = float(byte_rate) if byte_rate > 0 else None
@@ -111,9 +103,6 @@ class SerialDevice(TTFSDevice):
             self._byte_rate = None if is_virtual else max(1.0, baudrate / 10.0)
         self._seq = 0
         self._reader = FrameReader()
-        self._spec: Optional[NetworkSpec] = None
-        self._shadow_w: dict[int, tuple[np.ndarray, float]] = {}
-        self._shadow_t: dict[int, np.ndarray] = {}
         self._closed = False
         if port is None:
             import serial
@@ -368,61 +357,92 @@ class SerialDevice(TTFSDevice):
         if version != P.PROTOCOL_VERSION:
             raise ProtocolError(f"{self.url}: chip speaks protocol {version}, host "
                                 f"{P.PROTOCOL_VERSION}")
-        try:
-            doc = json.loads(reply[P.HELLO_REPLY.size:].decode("utf-8"))
-            self._info = DeviceInfo.model_validate(doc["info"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ProtocolError(f"{self.url}: bad HELLO JSON: {e}") from e
-        formats = doc.get("time_formats", [P.TIME_TICKS])
-        if time_format == "auto":
-            self.f64 = P.TIME_F64 in formats
-        elif time_format in (P.TIME_F64, P.TIME_TICKS):
-            if time_format not in formats:
-                raise DeviceError(f"{self._info.device_id} at {self.url} does not offer time "
-                                  f"format {time_format!r} (offers {formats})")
-            self.f64 = time_format == P.TIME_F64
-        else:
-            raise ValueError(f"time_format must be 'auto', 'f64' or 'ticks', got {time_format!r}")
-        self.ratio = P.ticks_per_tau_c(self._info.tau_c_s, self._info.clock_period_s)
-        features = doc.get("features", [])
-        self._sparse = self.sparse and isinstance(features, list) and \
-            P.FEATURE_SPARSE in features
+        doc = self._accept_hello(reply[P.HELLO_REPLY.size:], "HELLO JSON")
+        self._choose_formats(doc, time_format)
 
-
+    # -- transport hooks of HostDevice -----------------------------------------------------------
     @property
-    def verifies_writes(self) -> bool:
-        """Every write is checked in the driver (weights by WEIGHTS_CRC, thresholds by
-        read-back) unless constructed with ``verify=False``."""
-        return bool(self.verify)
+    def _label(self) -> str:
+        return self.url
 
-    def info(self) -> DeviceInfo:
-        return self._info
+    def _ctx_run(self) -> str:
+        return self._ctx(P.Cmd.RUN_BATCH)
 
     def status(self) -> dict:
         return json.loads(self._transact(P.Cmd.STATUS)[1].decode("utf-8"))
 
-    def _require_spec(self) -> NetworkSpec:
-        if self._spec is None:
-            st = self.status()
-            if not st.get("programmed"):
-                raise DeviceError(f"{self._info.device_id} at {self.url}: no network programmed")
-            self._spec = NetworkSpec.model_validate(st["spec"])
-        return self._spec
-
-    def _layer(self, layer: int, kinds: tuple[str, ...]):
-        spec = self._require_spec()
-        if not 0 <= layer < len(spec.layers) or spec.layers[layer].kind not in kinds:
-            raise DeviceError(f"{self._info.device_id}: layer {layer} is not one of {list(kinds)} "
-                              f"in the programmed network")
-        return spec.layers[layer]
-
-    def program(self, spec: NetworkSpec) -> None:
-        self._spec = None
-        self._shadow_w.clear()
-        self._shadow_t.clear()
+    def _program(self, spec: NetworkSpec) -> None:
         self._send(P.Cmd.PROGRAM, spec.model_dump_json().encode("utf-8"))
-        self._spec = spec
 
+    def _reset(self) -> None:
+        self._transact(P.Cmd.RESET)
+
+    def _set_windows(self, arr: np.ndarray) -> None:
+        self._transact(P.Cmd.SET_WINDOWS, P.WINDOWS_HDR.pack(arr.shape[0]) +
+                       arr.astype(P.DT_F64).tobytes())
+
+    def _weight_step(self, wide: bool) -> int:
+        return (self.chunk_bytes - P.WRITE_WEIGHTS_HDR.size) // (4 if wide else 2)
+
+    def _code_bytes(self, wide: bool) -> int:
+        return P.code_dtype(wide).itemsize
+
+    def _send_weights(self, layer: int, flat: np.ndarray, scale: float, wide: bool,
+                      todo: list[int], step: int, sparse: Optional[np.ndarray]) -> None:
+        dt = P.code_dtype(wide)
+        flags = P.Flag.WIDE if wide else 0
+        if sparse is not None:
+            per = (self.chunk_bytes - P.WRITE_WEIGHTS_SPARSE_HDR.size) // (4 + dt.itemsize)
+            pieces = range(0, sparse.size, per)
+            for i, s in enumerate(pieces):
+                idx = sparse[s:s + per]
+                commit = P.Flag.COMMIT if i == len(pieces) - 1 else 0
+                self._transact(P.Cmd.WRITE_WEIGHTS_SPARSE,
+                               P.encode_sparse(layer, idx, flat[idx], scale, wide), flags | commit)
+        else:
+            for i, s in enumerate(todo):
+                part = flat[s:s + step]
+                payload = P.WRITE_WEIGHTS_HDR.pack(layer, s, part.size, scale) + \
+                    part.astype(dt).tobytes()
+                commit = P.Flag.COMMIT if i == len(todo) - 1 else 0
+                self._transact(P.Cmd.WRITE_WEIGHTS, payload, flags | commit)
+
+    def _weights_crc(self, layer: int) -> tuple[int, float, int]:
+        return P.WEIGHTS_CRC_REPLY.unpack(
+            self._transact(P.Cmd.WEIGHTS_CRC, P.LAYER.pack(layer))[1])
+
+    def _threshold_step(self) -> int:
+        return (self.chunk_bytes - P.WRITE_THRESHOLDS_HDR.size) // 8
+
+    def _send_thresholds(self, layer: int, flat: np.ndarray, todo: list[int],
+                         step: int) -> None:
+        for i, s in enumerate(todo):
+            part = flat[s:s + step]
+            payload = P.WRITE_THRESHOLDS_HDR.pack(layer, s, part.size) + \
+                part.astype(P.DT_F64).tobytes()
+            commit = P.Flag.COMMIT if i == len(todo) - 1 else 0
+            self._transact(P.Cmd.WRITE_THRESHOLDS, payload, commit)
+
+    def _read_thr_flat(self, layer: int, n: int) -> np.ndarray:
+        step = (P.MAX_MESSAGE - P.COUNT.size) // 8  # the chip splits the reply into frames
+        out = np.zeros(n, dtype=np.float64)
+        for s in range(0, n, step):
+            cnt = min(step, n - s)
+            reply = self._transact(P.Cmd.READ_THRESHOLDS, P.READ_RANGE.pack(layer, s, cnt),
+                                   expect_bytes=8 * cnt)[1]
+            got = P.COUNT.unpack_from(reply)[0] if len(reply) >= P.COUNT.size else -1
+            if got != cnt or len(reply) != P.COUNT.size + 8 * cnt:
+                raise ProtocolError(f"{self._ctx(P.Cmd.READ_THRESHOLDS)}: asked {cnt} values, got "
+                                    f"{got}")
+            out[s:s + cnt] = np.frombuffer(reply, P.DT_F64, cnt, P.COUNT.size)
+        return out
+
+    def _run_exchange(self, arr: np.ndarray, b: int, expect: int) -> bytes:
+        payload = P.RUN_REQ.pack(*arr.shape) + self._input_values(arr).tobytes()
+        return self._send(P.Cmd.RUN_BATCH, payload, P.Flag.F64_TIMES if self.f64 else 0,
+                          extra_timeout=self.per_sample_timeout_s * b, expect_bytes=expect)
+
+    # -- commands of the frame dialect -----------------------------------------------------------
     def seed_noise(self, seed: int) -> None:
         """Reseed the chip's random jitter (SEED_NOISE); a chip that cannot (UNSUPPORTED or an
         older firmware without the command) ignores it, as the contract allows."""
@@ -432,79 +452,7 @@ class SerialDevice(TTFSDevice):
             if getattr(e, "code", None) not in (P.Err.UNSUPPORTED, P.Err.UNKNOWN_COMMAND):
                 raise
 
-    def reset(self) -> None:
-        self._spec = None
-        self._shadow_w.clear()
-        self._shadow_t.clear()
-        self._transact(P.Cmd.RESET)
-
-    # -- weights ---------------------------------------------------------------------------------
-    def _codes_per_chunk(self, wide: bool) -> int:
-        return (self.chunk_bytes - P.WRITE_WEIGHTS_HDR.size) // (4 if wide else 2)
-
-    def write_weights(self, layer: int, codes: torch.Tensor, scale: float) -> None:
-        spec = self._layer(layer, WEIGHT_KINDS)
-        if tuple(codes.shape) != tuple(spec.weight_shape):
-            raise DeviceError(f"layer {layer}: codes of shape {tuple(codes.shape)}, expected "
-                              f"{spec.weight_shape}")
-        if codes.is_floating_point() and not bool((codes == codes.round()).all()):
-            raise DeviceError(f"layer {layer}: the wire carries integer weight codes; got "
-                              f"non-integral {codes.dtype} values (quantise first)")
-        check_codes(codes, self._info.weight_bits, layer)
-        scale = float(scale)
-        flat = codes.detach().cpu().reshape(-1).numpy().astype(np.int64)
-        wide = self._info.weight_bits > 16
-        dt = P.code_dtype(wide)
-        step = self._codes_per_chunk(wide)
-        starts = list(range(0, flat.size, step)) or [0]
-        shadow = self._shadow_w.pop(layer, None)
-        sparse = None  # flat indices of the changed codes, when a sparse write is smaller
-        if shadow is None or shadow[0].shape != flat.shape:
-            todo = starts
-        else:
-            diff = flat != shadow[0]
-            changed = np.flatnonzero(diff)
-            todo = [s for s in starts if diff[s:s + step].any()]
-            if not todo and shadow[1] != scale:
-                todo = starts[:1]
-            if self._sparse and changed.size:
-                dense_bytes = sum(min(step, flat.size - s) for s in todo) * dt.itemsize
-                if changed.size * (4 + dt.itemsize) < dense_bytes:
-                    sparse = changed
-        expect = P.weights_crc(flat, scale)
-        flags = P.Flag.WIDE if wide else 0
-        for attempt in range(self.write_retries + 1):
-            if sparse is not None:
-                per = (self.chunk_bytes - P.WRITE_WEIGHTS_SPARSE_HDR.size) // (4 + dt.itemsize)
-                pieces = range(0, sparse.size, per)
-                for i, s in enumerate(pieces):
-                    idx = sparse[s:s + per]
-                    commit = P.Flag.COMMIT if i == len(pieces) - 1 else 0
-                    self._transact(P.Cmd.WRITE_WEIGHTS_SPARSE,
-                                   P.encode_sparse(layer, idx, flat[idx], scale, wide),
-                                   flags | commit)
-            else:
-                for i, s in enumerate(todo):
-                    part = flat[s:s + step]
-                    payload = P.WRITE_WEIGHTS_HDR.pack(layer, s, part.size, scale) + \
-                        part.astype(dt).tobytes()
-                    commit = P.Flag.COMMIT if i == len(todo) - 1 else 0
-                    self._transact(P.Cmd.WRITE_WEIGHTS, payload, flags | commit)
-            if not self.verify:
-                break
-            crc, dscale, n = P.WEIGHTS_CRC_REPLY.unpack(
-                self._transact(P.Cmd.WEIGHTS_CRC, P.LAYER.pack(layer))[1])
-            if crc == expect and n == flat.size and dscale == scale:
-                break
-            self.health["verify_failures"] += 1
-            todo, sparse = starts, None  # rewrite everything
-        else:
-            raise WriteVerifyError(
-                f"{self._info.device_id} at {self.url}: layer {layer} weights do not verify "
-                f"after {self.write_retries + 1} writes (chip CRC 0x{crc:08x}, scale {dscale!r}, "
-                f"{n} codes; expected 0x{expect:08x}, {scale!r}, {flat.size})", layers=[layer])
-        self._shadow_w[layer] = (flat.copy(), scale)
-
+    # -- read-back -------------------------------------------------------------------------------
     def read_weights(self, layer: int) -> tuple[torch.Tensor, float]:
         spec = self._layer(layer, WEIGHT_KINDS)
         n = math.prod(spec.weight_shape)
@@ -527,135 +475,6 @@ class SerialDevice(TTFSDevice):
                                     f"{got} in {len(reply)} bytes")
             out[s:s + cnt] = np.frombuffer(reply, dt, cnt, P.READ_WEIGHTS_REPLY.size)
         return torch.from_numpy(out.reshape(spec.weight_shape)), float(scale)
-
-    # -- thresholds ------------------------------------------------------------------------------
-    def _values_per_chunk(self) -> int:
-        return (self.chunk_bytes - P.WRITE_THRESHOLDS_HDR.size) // 8
-
-    def _read_thr_flat(self, layer: int, n: int) -> np.ndarray:
-        step = (P.MAX_MESSAGE - P.COUNT.size) // 8  # the chip splits the reply into frames
-        out = np.zeros(n, dtype=np.float64)
-        for s in range(0, n, step):
-            cnt = min(step, n - s)
-            reply = self._transact(P.Cmd.READ_THRESHOLDS, P.READ_RANGE.pack(layer, s, cnt),
-                                   expect_bytes=8 * cnt)[1]
-            got = P.COUNT.unpack_from(reply)[0] if len(reply) >= P.COUNT.size else -1
-            if got != cnt or len(reply) != P.COUNT.size + 8 * cnt:
-                raise ProtocolError(f"{self._ctx(P.Cmd.READ_THRESHOLDS)}: asked {cnt} values, got "
-                                    f"{got}")
-            out[s:s + cnt] = np.frombuffer(reply, P.DT_F64, cnt, P.COUNT.size)
-        return out
-
-    def write_thresholds(self, layer: int, values: torch.Tensor) -> None:
-        spec = self._layer(layer, THRESHOLD_KINDS)
-        if tuple(values.shape) != tuple(spec.out_shape):
-            raise DeviceError(f"layer {layer}: thresholds of shape {tuple(values.shape)}, "
-                              f"expected {spec.out_shape}")
-        flat = values.detach().cpu().reshape(-1).double().numpy().copy()
-        if not np.all(np.isfinite(flat)):
-            raise DeviceError(f"layer {layer}: thresholds must be finite")
-        step = self._values_per_chunk()
-        starts = list(range(0, flat.size, step))
-        shadow = self._shadow_t.pop(layer, None)
-        if shadow is None or shadow.shape != flat.shape:
-            todo = starts
-        else:
-            todo = [s for s in starts if flat[s:s + step].tobytes() != shadow[s:s + step].tobytes()]
-        for attempt in range(self.write_retries + 1):
-            for i, s in enumerate(todo):
-                part = flat[s:s + step]
-                payload = P.WRITE_THRESHOLDS_HDR.pack(layer, s, part.size) + \
-                    part.astype(P.DT_F64).tobytes()
-                commit = P.Flag.COMMIT if i == len(todo) - 1 else 0
-                self._transact(P.Cmd.WRITE_THRESHOLDS, payload, commit)
-            if not self.verify:
-                break
-            back = self._read_thr_flat(layer, flat.size)
-            bad = np.flatnonzero(back.view(np.int64) != flat.view(np.int64))
-            if not bad.size:
-                break
-            self.health["verify_failures"] += 1
-            todo = starts
-        else:
-            raise WriteVerifyError(
-                f"{self._info.device_id} at {self.url}: layer {layer} thresholds do not verify "
-                f"after {self.write_retries + 1} writes ({bad.size} of {flat.size} differ, first "
-                f"at index {int(bad[0])}: wrote {flat[bad[0]]!r}, read {back[bad[0]]!r})",
-                layers=[layer])
-        self._shadow_t[layer] = flat
-
-    def read_thresholds(self, layer: int) -> torch.Tensor:
-        spec = self._layer(layer, THRESHOLD_KINDS)
-        n = math.prod(spec.out_shape)
-        return torch.from_numpy(self._read_thr_flat(layer, n).reshape(spec.out_shape))
-
-    # -- windows and runs ------------------------------------------------------------------------
-    def set_windows(self, windows: list[tuple[float, float]]) -> None:
-        spec = self._require_spec()
-        arr = np.asarray(windows, dtype=np.float64).reshape(-1, 2)
-        self._transact(P.Cmd.SET_WINDOWS, P.WINDOWS_HDR.pack(arr.shape[0]) +
-                       arr.astype(P.DT_F64).tobytes())
-        self._spec = P.spec_with_windows(spec, arr.tolist())
-
-    def _check_run_size(self, spec: NetworkSpec, b: int) -> int:
-        """Expected reply bytes of a run; DeviceLimitError when one message cannot hold it."""
-        stages = [math.prod(spec.input_shape)] + [math.prod(spec.layers[i].out_shape)
-                                                  for i in spec.stage_layers()]
-        layers = [math.prod(spec.layers[i].out_shape) for i in spec.neuron_layers()]
-        classes = sum(math.prod(l.out_shape) for l in spec.layers if l.kind == "readout")
-        size = P.run_reply_size(b, stages, layers, classes, self.f64)
-        if size > P.MAX_MESSAGE:
-            most = P.max_batch_for_message(stages, layers, classes, self.f64)
-            raise DeviceLimitError(
-                f"a batch of {b} needs a {size}-byte reply, beyond MAX_MESSAGE={P.MAX_MESSAGE}; "
-                f"run at most {most} samples at a time on this network")
-        return size
-
-    def run(self, input_spike_times: torch.Tensor) -> DeviceRecord:
-        spec = self._require_spec()
-        x = input_spike_times.detach().cpu().double()
-        if tuple(x.shape[1:]) != tuple(spec.input_shape):
-            raise DeviceError(f"input of shape {tuple(x.shape)}; the network takes "
-                              f"(B, {', '.join(map(str, spec.input_shape))})")
-        b = int(x.shape[0])
-        if b > self._info.max_batch:
-            raise DeviceLimitError(f"batch of {b} exceeds max_batch={self._info.max_batch} of "
-                                   f"{self._info.device_id}")
-        self._check_run_size(spec, b)
-        arr = x.reshape(b, -1).numpy()
-        try:
-            payload = P.encode_run_request(arr, self.f64, self.ratio)
-        except ValueError as e:
-            raise DeviceError(f"{self._ctx(P.Cmd.RUN_BATCH)}: {e}") from e
-        stage_ids = spec.stage_layers()
-        neuron_ids = spec.neuron_layers()
-        expect = self._check_run_size(spec, b)
-        body = self._send(P.Cmd.RUN_BATCH, payload, P.Flag.F64_TIMES if self.f64 else 0,
-                          extra_timeout=self.per_sample_timeout_s * b, expect_bytes=expect)
-        try:
-            rep = P.decode_run_reply(body, self.f64, self.ratio)
-        except ValueError as e:
-            raise ProtocolError(f"{self._ctx(P.Cmd.RUN_BATCH)}: {e}") from e
-        shapes = [tuple(spec.input_shape)] + [tuple(spec.layers[i].out_shape) for i in stage_ids]
-        if rep.batch != b or len(rep.stage_times) != len(shapes) or \
-                len(rep.v_tmax) != len(neuron_ids):
-            raise ProtocolError(f"{self._ctx(P.Cmd.RUN_BATCH)}: reply shape does not match the "
-                                f"programmed network ({rep.batch} samples, "
-                                f"{len(rep.stage_times)} stages, {len(rep.v_tmax)} layers)")
-        try:
-            spike_times = [torch.from_numpy(t.reshape(b, *s)) for t, s in
-                           zip(rep.stage_times, shapes)]
-            v_tmax = [torch.from_numpy(v.reshape(b, *spec.layers[i].out_shape))
-                      for v, i in zip(rep.v_tmax, neuron_ids)]
-        except ValueError as e:
-            raise ProtocolError(f"{self._ctx(P.Cmd.RUN_BATCH)}: {e}") from e
-        return DeviceRecord(
-            spike_times=spike_times, readout=torch.from_numpy(rep.readout), v_tmax=v_tmax,
-            spike_counts=torch.from_numpy(rep.spike_counts),
-            neurons_per_layer=[spec.layers[i].n_neurons for i in neuron_ids],
-            energy_j=None if rep.energy_j is None else torch.from_numpy(rep.energy_j),
-            meta={"device_id": self._info.device_id, "transport": self.url,
-                  "time_format": P.TIME_F64 if self.f64 else P.TIME_TICKS})
 
     def close(self) -> None:
         if self._closed:

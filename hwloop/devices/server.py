@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ipaddress
+import logging
 import math
 import os
 import select
@@ -39,6 +40,8 @@ from hwloop.devices.framing import (ChunkAssembler, Frame, FrameFault, FrameRead
 from hwloop.errors import DeviceError, DeviceLimitError, ProtocolError
 
 THRESHOLD_KINDS = NEURON_KINDS + ("readout",)
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -765,6 +768,7 @@ class _Conn:
             os.set_blocking(fd, False)
         self.closed = False
         self.eof = False
+        self.discarded = 0  # bytes thrown away while a reply could not be sent
         self._inbox = bytearray()
 
     def fileno(self) -> int:
@@ -796,6 +800,10 @@ class _Conn:
         return self._read_now()
 
     def send(self, data: bytes) -> bool:
+        """Send all of ``data``; False when the link is gone. Incoming bytes are read only while
+        the link has no room for ours (so that neither side can block the other), into an inbox
+        of at most ``4 * MAX_ENCODED`` bytes; a peer that talks past that without reading loses
+        the excess (counted in ``discarded``; its frames are retried like damaged ones)."""
         view = memoryview(data)
         while view:
             if self.closed:
@@ -805,14 +813,6 @@ class _Conn:
                                         0.5)
             except (OSError, ValueError):
                 return False
-            if r:
-                got = self._read_now()
-                if got is None:
-                    self.eof = True
-                else:
-                    self._inbox += got
-                    if len(self._inbox) > 4 * P.MAX_ENCODED:  # a peer that only talks: hang up
-                        return False
             if w:
                 try:
                     n = self.sock.send(view) if self.sock is not None else os.write(self.fd, view)
@@ -821,6 +821,17 @@ class _Conn:
                 except OSError:
                     return False
                 view = view[n:]
+            elif r:
+                got = self._read_now()
+                if got is None:
+                    self.eof = True
+                elif len(self._inbox) + len(got) > 4 * P.MAX_ENCODED:
+                    if not self.discarded:
+                        log.warning("virtual chip: the peer keeps sending while it does not read; "
+                                    "discarding its bytes until it does")
+                    self.discarded += len(got)
+                else:
+                    self._inbox += got
         return True
 
     def close(self) -> None:
@@ -841,7 +852,14 @@ class _Conn:
 
 
 def _serve_conn(conn: _Conn, core: ChipCore, dialect: str, faults: _Faults,
-                stop: threading.Event, stats: dict, on_session: Callable) -> None:
+                stop: threading.Event, stats: dict, on_session: Callable,
+                name: str = "link") -> None:
+    """Serve one link until the peer hangs up, the chip stops or a fault closes it.
+
+    Whatever arrives, damaged or not, is answered (NAK, ERROR) or ignored; the link is only
+    closed on purpose (``disconnect_after``), when it is gone, or when the chip stops, and every
+    close is logged with its reason (``hwloop.devices.server``, WARNING for the unexpected ones).
+    """
     cfg = faults.cfg
     nrx = 0
     if dialect == "frame":
@@ -882,10 +900,25 @@ def _serve_conn(conn: _Conn, core: ChipCore, dialect: str, faults: _Faults,
         finally:
             done.set()
             t.join()
+
+    def handle(ev: Frame) -> list[bytes]:
+        """The replies to one intact frame; an unexpected failure of the chip becomes an
+        INTERNAL error reply (logged), never a closed link."""
+        try:
+            return session.handle(ev, busy)
+        except Exception as e:  # a bug, not the host's fault: answer it and keep serving
+            log.exception("virtual chip %s: %s (seq %d) failed", name, P.cmd_name(ev.cmd), ev.seq)
+            stats["internal_errors"] = stats.get("internal_errors", 0) + 1
+            return session._error(ev.seq, P.Err.INTERNAL, f"{P.cmd_name(ev.cmd)}: "
+                                                          f"{type(e).__name__}: {e}")
+
+    reason, level = "the chip stopped", logging.INFO
+    gone = "the link failed while sending a reply (peer hung up?)"
     try:
         while not stop.is_set():
             data = conn.recv(0.05)
             if data is None:
+                reason = "the peer hung up" if not conn.closed else "the link was closed"
                 break
             if not data:
                 continue
@@ -895,34 +928,44 @@ def _serve_conn(conn: _Conn, core: ChipCore, dialect: str, faults: _Faults,
                     if isinstance(ev, FrameFault):
                         stats["bad_frames"] += 1
                         if not emit(session.nak(ev)):  # the host resends at once
+                            reason, level = gone, logging.WARNING
                             return
                         continue
                     nrx += 1
                     if cfg.disconnect_after is not None and nrx >= cfg.disconnect_after:
                         stats["disconnects"] += 1
+                        reason = f"disconnect_after={cfg.disconnect_after} (injected fault)"
                         return
                     if faults.drop():
                         continue
-                    replies = session.handle(ev, busy)
+                    replies = handle(ev)
                     if replies and cfg.delay_s:
                         time.sleep(cfg.delay_s)
                     for r in replies:
                         if not emit(r):
+                            reason, level = gone, logging.WARNING
                             return
             else:
                 replies, n = session.feed(data)
                 before, nrx = nrx, nrx + n
                 if cfg.disconnect_after is not None and before < cfg.disconnect_after <= nrx:
                     stats["disconnects"] += 1  # hang up instead of answering the N-th command
+                    reason = f"disconnect_after={cfg.disconnect_after} (injected fault)"
                     return
                 if replies and cfg.delay_s:
                     time.sleep(cfg.delay_s)
                 for r in replies:
                     if not conn.send(r):
+                        reason, level = gone, logging.WARNING
                         return
                     stats["bytes_tx"] += len(r)
+    except BaseException as e:
+        reason, level = f"{type(e).__name__}: {e}", logging.ERROR
+        log.exception("virtual chip %s: the session failed", name)
+        raise
     finally:
         conn.close()
+        log.log(level, "virtual chip %s: closed the link: %s", name, reason)
 
 
 def _is_loopback(host: str) -> bool:
@@ -949,7 +992,7 @@ class VirtualChip:
         self.sessions: list = []
         self.fault_stats: list[dict] = []
         self.stats = {"connections": 0, "bytes_rx": 0, "bytes_tx": 0, "bad_frames": 0,
-                      "disconnects": 0}
+                      "disconnects": 0, "internal_errors": 0}
         self.host: Optional[str] = None
         self.port: Optional[int] = None
         self.pty_path: Optional[str] = None
@@ -986,7 +1029,7 @@ class VirtualChip:
         faults = _Faults(self.faults, idx)
         self.fault_stats.append(faults.stats)
         _serve_conn(conn, self.core, self.dialect, faults, self._stop, self.stats,
-                    self.sessions.append)
+                    self.sessions.append, name=f"{self.address} (connection {idx})")
 
     def start_tcp(self, host: str, port: int) -> None:
         ls = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -1099,5 +1142,11 @@ def serve(device: TTFSDevice, transport: str = "pty", host: str = "127.0.0.1", p
         announce(f"virtual chip {chip.core.info.device_id} ({dialect} dialect) at "
                  f"{chip.address}  url: {chip.url}")
     if foreground:
+        if not log.handlers and not logging.getLogger().handlers:
+            # the CLI: say on stderr when and why a link is closed
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
         chip.wait()
     return chip
