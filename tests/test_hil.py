@@ -28,27 +28,35 @@ def _small_problem(n=512, seed=0):
     return x.double(), y, relu
 
 
-def test_hil_on_ideal_device_follows_software_training():
-    """The gradient is exact: HIL on emulator-ideal == autograd training, 60 Adam steps."""
-    x, y, relu = _small_problem(n=1024)
-    net_sw = hwloop.convert(copy.deepcopy(relu), x[:256])
-    net_hw = copy.deepcopy(net_sw)
+def _train_in_lockstep(net_sw, net_hw, x, y, steps, batch=16, lr=2e-3):
+    """Adam on ``net_sw`` by autograd, and HIL fine-tuning of ``net_hw`` on the ideal emulator,
+    on the same batches. Returns (device, trainer)."""
     dev = EmulatorDevice.from_profile(IDEAL)
-    state = program_network(dev, net_hw)
-    cfg = FinetuneConfig(lr=2e-3, batch_size=16, lr_schedule="constant", label_smoothing=0.0)
-    trainer = HILTrainer(dev, net_hw, state, cfg)
-    opt = torch.optim.Adam(net_sw.parameters(), lr=cfg.lr)
-    steps = 60
+    cfg = FinetuneConfig(lr=lr, batch_size=batch, lr_schedule="constant", label_smoothing=0.0)
+    trainer = HILTrainer(dev, net_hw, program_network(dev, net_hw), cfg)
+    opt = torch.optim.Adam(net_sw.parameters(), lr=lr)
     for s in range(steps):
-        xb, yb = x[16 * s:16 * (s + 1)], y[16 * s:16 * (s + 1)]
+        xb, yb = x[batch * s:batch * (s + 1)], y[batch * s:batch * (s + 1)]
         trainer.step(xb, yb)
         opt.zero_grad()
         stages, logits = net_sw.run(net_sw.encode(xb))
         nn.functional.cross_entropy(logits, yb).backward()
         opt.step()
         net_sw.adapt_windows(stages)
-    worst = max(float((a - b).detach().abs().max()) for a, b in zip(net_sw.parameters(), net_hw.parameters()))
-    assert worst <= 1e-6
+    return dev, trainer
+
+
+def _max_diff(a, b):
+    return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_hil_on_ideal_device_follows_software_training():
+    """The gradient is exact: HIL on emulator-ideal == autograd training, 60 Adam steps."""
+    x, y, relu = _small_problem(n=1024)
+    net_sw = hwloop.convert(copy.deepcopy(relu), x[:256])
+    net_hw = copy.deepcopy(net_sw)
+    dev, trainer = _train_in_lockstep(net_sw, net_hw, x, y, steps=60)
+    assert _max_diff(net_sw, net_hw) <= 1e-6
     moved = max(float((a - b).detach().abs().max()) for a, b in
                 zip(net_sw.parameters(), hwloop.convert(copy.deepcopy(relu), x[:256]).parameters()))
     assert moved > 1e-3  # the weights really moved
@@ -72,22 +80,8 @@ def test_hil_conv_net_on_ideal_device_follows_software_training():
     relu.eval()
     net_sw = hwloop.convert(relu, x[:128])
     net_hw = copy.deepcopy(net_sw)
-    dev = EmulatorDevice.from_profile(IDEAL)
-    trainer = HILTrainer(dev, net_hw, program_network(dev, net_hw),
-                         FinetuneConfig(lr=2e-3, batch_size=16, lr_schedule="constant",
-                                        label_smoothing=0.0))
-    opt = torch.optim.Adam(net_sw.parameters(), lr=2e-3)
-    for s in range(16):
-        xb, yb = x[16 * s:16 * (s + 1)], y[16 * s:16 * (s + 1)]
-        trainer.step(xb, yb)
-        opt.zero_grad()
-        stages, logits = net_sw.run(net_sw.encode(xb))
-        nn.functional.cross_entropy(logits, yb).backward()
-        opt.step()
-        net_sw.adapt_windows(stages)
-    worst = max(float((a - b).detach().abs().max())
-                for a, b in zip(net_sw.parameters(), net_hw.parameters()))
-    assert worst <= 1e-6
+    _train_in_lockstep(net_sw, net_hw, x, y, steps=16)
+    assert _max_diff(net_sw, net_hw) <= 1e-6
     assert any(getattr(l, "in_shift", None) is not None for l in net_hw.layers)
 
 

@@ -99,6 +99,29 @@ class NetworkSpec(BaseModel):
         """(t_min, t_max) of every neuron layer, in order, tau_c."""
         return [(l.t_min, l.t_max) for l in self.layers if l.kind in NEURON_KINDS]
 
+    def with_windows(self, windows) -> "NetworkSpec":
+        """This spec with new (t_min, t_max) per neuron layer (tau_c); the readout repeats the
+        window of the last neuron layer, as :class:`LayerSpec` defines it.
+
+        Raises:
+            ValueError: wrong number of windows, or a window that is not finite with t_max > t_min.
+        """
+        wins = [(float(a), float(b)) for a, b in windows]
+        idx = self.neuron_layers()
+        if len(wins) != len(idx):
+            raise ValueError(f"need {len(idx)} windows (one per neuron layer), got {len(wins)}")
+        layers = list(self.layers)
+        for i, (a, b) in zip(idx, wins):
+            if not (math.isfinite(a) and math.isfinite(b) and b > a):
+                raise ValueError(f"layer {i}: window must satisfy t_max > t_min, got ({a}, {b})")
+            layers[i] = layers[i].model_copy(update={"t_min": a, "t_max": b})
+        if idx:
+            last = layers[idx[-1]]
+            for i, layer in enumerate(layers):
+                if layer.kind == "readout":
+                    layers[i] = layer.model_copy(update={"t_min": last.t_min, "t_max": last.t_max})
+        return self.model_copy(update={"layers": tuple(layers)})
+
 
 class DeviceInfo(BaseModel):
     """What a device says about itself (HELLO / ``*IDN?``)."""

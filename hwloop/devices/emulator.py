@@ -265,21 +265,10 @@ class EmulatorDevice(TTFSDevice):
         if not self.profile.adaptive_windows:
             raise DeviceError(f"device {self._info.device_id} (profile {self.profile.name}) does not "
                               "allow changing windows (adaptive_windows: false)")
-        idx = spec.neuron_layers()
-        if len(windows) != len(idx):
-            raise DeviceError(f"need {len(idx)} windows (one per neuron layer), got {len(windows)}")
-        layers = list(spec.layers)
-        for i, (a, b) in zip(idx, windows):
-            a, b = float(a), float(b)
-            if not (math.isfinite(a) and math.isfinite(b) and b > a):
-                raise DeviceError(f"layer {i}: window must satisfy t_max > t_min, got ({a}, {b})")
-            layers[i] = layers[i].model_copy(update={"t_min": a, "t_max": b})
-        if idx:
-            last = layers[idx[-1]]
-            for i, layer in enumerate(layers):
-                if layer.kind == "readout":
-                    layers[i] = layer.model_copy(update={"t_min": last.t_min, "t_max": last.t_max})
-        self._spec = spec.model_copy(update={"layers": tuple(layers)})
+        try:
+            self._spec = spec.with_windows(windows)
+        except ValueError as exc:
+            raise DeviceError(f"device {self._info.device_id}: {exc}") from None
         self._consts.clear()
 
     # ------------------------------------------------------------------ running

@@ -537,21 +537,9 @@ def decode_run_reply(payload: bytes, f64: bool, ratio: float) -> RunReply:
 
 
 def spec_with_windows(spec, windows):
-    """``spec`` (a NetworkSpec) with new (t_min, t_max) per neuron layer; a readout layer repeats
-    the window of the last neuron layer, as the contract defines it."""
-    wins = [(float(a), float(b)) for a, b in windows]
-    idx = spec.neuron_layers()
-    if len(wins) != len(idx):
-        raise ValueError(f"need {len(idx)} windows (one per neuron layer), got {len(wins)}")
-    layers = list(spec.layers)
-    for i, (a, b) in zip(idx, wins):
-        layers[i] = layers[i].model_copy(update={"t_min": a, "t_max": b})
-    if idx:
-        last = layers[idx[-1]]
-        for i, layer in enumerate(layers):
-            if layer.kind == "readout":
-                layers[i] = layer.model_copy(update={"t_min": last.t_min, "t_max": last.t_max})
-    return spec.model_copy(update={"layers": tuple(layers)})
+    """``spec`` (a NetworkSpec) with new (t_min, t_max) per neuron layer
+    (:meth:`NetworkSpec.with_windows`); ValueError for a wrong count or a bad window."""
+    return spec.with_windows(windows)
 
 
 def dumps(obj) -> bytes:
