@@ -109,13 +109,7 @@ def plot_knob(rows: Sequence[dict], knob: str, path: str | Path, *, label: Optio
         ax.set_ylim(max(0.0, min(lows) - 0.08 * (top - min(lows) + 1.0)), top + 0.12 * (top - min(lows) + 1.0))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="best")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def plot_heatmap(rows: Sequence[dict], knobs: Sequence[str], path: str | Path, *,
@@ -200,12 +194,17 @@ def plot_bars(groups: Sequence[tuple[str, Sequence[dict]]], path: str | Path, *,
         ax.set_ylim(max(0.0, min(lows) - 0.3 * span), top + 0.6 * span)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", ncol=1)
+    return _save(fig, ax, path, title)
+
+
+def _save(fig, ax, path, title: Optional[str]) -> Path:
+    """Title, tight layout, write the PNG, free the figure; returns the path."""
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
