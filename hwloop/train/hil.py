@@ -151,7 +151,9 @@ class HILTrainer:
     # ------------------------------------------------------------------ write back
     def write_back(self) -> int:
         """Quantise the shadow with each layer's fixed scale, write the layers whose codes or
-        thresholds changed, read them back and verify. Returns the number of writes.
+        thresholds changed, read them back and verify (a driver whose ``verifies_writes`` is
+        true checks its own writes by CRC or read-back and raises itself). Returns the number
+        of writes.
 
         Raises:
             WriteVerifyError: a layer still differs after ``config.write_retries`` retries; its
