@@ -229,7 +229,7 @@ def test_recorded_backward_with_clamped_windows_matches_autograd():
         for i, layer in enumerate(net.layers):
             if layer.kind in ("dense", "conv2d"):
                 a = acts[net._stage_index(i)]
-                widths.append(float(torch.quantile(a[a > 0], 0.8)))  # 20 % of spikes come early
+                widths.append(float(torch.quantile(a[a > 0].detach(), 0.8)))  # 20 % come early
         net.set_widths(widths)
         net.set_clamp_early(True)
         stages = net.spike_times(x)
