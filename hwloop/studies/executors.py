@@ -43,6 +43,14 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _local_worker_init() -> None:
+    """A local worker: one torch thread, and Ctrl-C is the parent's to handle (the parent ends
+    the workers), so an interrupt prints one line, not a traceback per worker."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    one_thread()
+
+
 def _call_one_thread(fn: Callable[[Any], Any], task: Any) -> Any:
     """Run ``fn(task)`` with one torch thread (the wrapper Ray ships to its workers)."""
     one_thread()
@@ -109,7 +117,7 @@ class LocalExecutor(Executor):
             path = os.pathsep.join(p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p)
             os.environ["PYTHONPATH"] = path
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
-                                             initializer=one_thread)
+                                             initializer=_local_worker_init)
         return self._pool
 
     def map_unordered(self, fn, tasks):
@@ -129,8 +137,13 @@ class LocalExecutor(Executor):
 
     def close(self, wait: bool = True) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=True)
-            self._pool = None
+            pool, self._pool = self._pool, None
+            if not wait:
+                # interrupted: end the workers now; a finished point is already recorded, a
+                # running one resumes from its checkpoint on the next run
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.terminate()
+            pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def ray_available() -> bool:
