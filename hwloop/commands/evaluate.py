@@ -57,6 +57,27 @@ def weights_are_device_domain(weights: str) -> Optional[str]:
     return cal.get("path") if isinstance(cal, dict) else (cal or None)
 
 
+def _load_weights(path: str) -> dict:
+    """The state dict of a ``final_weights.pt`` written by ``hwloop finetune``.
+
+    Raises:
+        CheckpointError: the file is missing or is not such a weights file.
+    """
+    import torch
+
+    from hwloop.errors import CheckpointError
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"--weights {path}: no such file") from None
+    except Exception as exc:  # torch raises many types for a file of another kind
+        raise CheckpointError(f"--weights {path} is not a weights file written by hwloop finetune "
+                              f"(final_weights.pt): {type(exc).__name__}") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"--weights {path} is not a weights file written by hwloop finetune")
+    return sd
+
+
 def evaluate_on_device(device: str, chip_seed: Optional[int] = None, calibration: Optional[str] = None,
                        weights: Optional[str] = None, dataset: str = "fashion-mnist",
                        data_dir: Optional[str] = None, arch: str = "fc2", seed: int = 0,
@@ -73,22 +94,33 @@ def evaluate_on_device(device: str, chip_seed: Optional[int] = None, calibration
     from hwloop.train.finetune import (FinetuneOptions, load_data, map_network, open_named_device,
                                        relu_twin)
     from hwloop.train.hil import FinetuneConfig, evaluate_device, evaluate_net
+    from hwloop.errors import CheckpointError
     from hwloop.ttfs import convert
 
     opts = FinetuneOptions(device=device, chip_seed=chip_seed, dataset=dataset, data_dir=data_dir,
                            arch=arch, pretrain_epochs=pretrain_epochs, train_subset=train_subset,
                            test_subset=test_subset, window_percentile=window_percentile,
                            finetune=FinetuneConfig(seed=seed), progress=False)
+    # everything the user named is checked before the (possibly long) twin training
+    rec = load_record(calibration) if calibration else None
+    sd = _load_weights(weights) if weights else None
+    if rec is not None:
+        from hwloop.calibrate.fit import spec_for_arch
+        from hwloop.calibrate.record import check_record_matches
+        with open_named_device(device, chip_seed) as dev:
+            check_record_matches(rec, dev.info().device_id, spec_for_arch(arch, dataset))
     data = load_data(opts)
     xtr, ytr, xte, yte = data
     relu, _ = relu_twin(opts, data, log)
     net = convert(relu, xtr[:2000].to(torch.float64), dtype=torch.float64)
-    rec = load_record(calibration) if calibration else None
     mode = "calibrated" if rec is not None else "uncalibrated"
     with open_named_device(device, chip_seed) as dev:
         if weights:
-            sd = torch.load(weights, map_location="cpu", weights_only=True)
-            net.load_state_dict(sd.get("shadow", sd) if isinstance(sd, dict) else sd)
+            try:
+                net.load_state_dict(sd.get("shadow", sd) if isinstance(sd, dict) else sd)
+            except (RuntimeError, TypeError) as exc:
+                raise CheckpointError(f"--weights {weights} does not fit --arch {arch} on {dataset}: "
+                                      f"{' '.join(str(exc).split())[:300]}") from None
             ideal = net
             run_cal = weights_are_device_domain(weights)
             prof = getattr(dev, "profile", None)

@@ -99,8 +99,10 @@ def spec_from_args(args: argparse.Namespace):
                          cache_dir=args.cache_dir, keep_checkpoints=args.keep_checkpoints)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise DataError(f"invalid option {'.'.join(map(str, err['loc']))}={err.get('input')!r}: "
-                        f"{err['msg']}") from None
+        loc = ".".join(map(str, err["loc"]))
+        if not loc:  # a check across options: its message says what is wrong
+            raise DataError(f"invalid options: {err['msg']}") from None
+        raise DataError(f"invalid option {loc}={err.get('input')!r}: {err['msg']}") from None
 
 
 def run(args: argparse.Namespace) -> int:

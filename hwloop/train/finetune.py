@@ -261,6 +261,11 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
         calibration = load_record(opts.calibration)
     device = open_named_device(opts.device, opts.chip_seed, opts.profile_overrides)
     try:
+        if calibration is not None:
+            from hwloop.calibrate.fit import spec_for_arch
+            from hwloop.calibrate.record import check_record_matches
+            check_record_matches(calibration, device.info().device_id,
+                                 spec_for_arch(opts.arch, opts.dataset))
         data = load_data(opts)
         xtr, ytr, xte, yte = data
         relu, relu_info = relu_twin(opts, data, log)
