@@ -11,6 +11,8 @@ import argparse
 import os
 import json
 
+from hwloop.commands import add_device_args
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -25,9 +27,7 @@ def register(subparsers) -> None:
             "shape. Use it with `hwloop finetune --calibration FILE` or `hwloop evaluate "
             "--calibration FILE`."),
     )
-    p.add_argument("--device", default="devices/emulator-mismatch.yaml",
-                   help="profile path (emulator), serial URL/port, or VISA resource")
-    p.add_argument("--chip-seed", type=int, default=None, help="emulator chip instance (frozen mismatch)")
+    add_device_args(p, "devices/emulator-mismatch.yaml")
     p.add_argument("--arch", default="fc2", choices=("fc2", "fc16", "lenet5", "vgg16"),
                    help="topology to calibrate for (default fc2)")
     p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "synthetic"),

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from hwloop.commands import add_data_args, add_device_args
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -25,15 +27,11 @@ def register(subparsers) -> None:
             "--calibration compensated for the chip's frozen mismatch, run the test set and "
             "print accuracy, spikes per neuron and energy per inference."),
     )
-    p.add_argument("--device", default="devices/emulator-mismatch.yaml",
-                   help="profile path (emulator), serial URL/port, or VISA resource")
-    p.add_argument("--chip-seed", type=int, default=None, help="emulator chip instance (frozen mismatch)")
+    add_device_args(p, "devices/emulator-mismatch.yaml")
     p.add_argument("--calibration", default=None, help="calibration record to compensate with")
     p.add_argument("--weights", default=None,
                    help="final_weights.pt of a fine-tuning run (default: the converted ReLU twin)")
-    p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "synthetic"))
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--arch", default="fc2", choices=("fc2", "fc16", "lenet5", "vgg16"))
+    add_data_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the ReLU twin (model cache key)")
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--train-subset", type=int, default=None)

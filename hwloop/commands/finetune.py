@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from hwloop.commands import add_data_args, add_device_args
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -17,12 +19,8 @@ def register(subparsers) -> None:
             "measured spike times, evaluate again. Every default is embedded: with no flags it "
             "runs FC2 on Fashion-MNIST on devices/emulator-analog.yaml."),
     )
-    p.add_argument("--device", default="devices/emulator-analog.yaml",
-                   help="profile path (emulator), serial URL/port, or VISA resource")
-    p.add_argument("--chip-seed", type=int, default=None, help="emulator chip instance (frozen mismatch)")
-    p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "synthetic"))
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--arch", default="fc2", choices=("fc2", "fc16", "lenet5", "vgg16"))
+    add_device_args(p, "devices/emulator-analog.yaml")
+    add_data_args(p)
     p.add_argument("--pretrain-epochs", type=int, default=None,
                    help="epochs of the ReLU twin (default: the recipe's, 30)")
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from hwloop.commands import add_data_args
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -37,9 +39,7 @@ def register(subparsers) -> None:
                         "trains its own twin and orders the batches")
     p.add_argument("--twin-seed", type=int, default=0, help="seed of the shared ReLU twin (seed mode chip)")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs per point (default 1)")
-    p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "synthetic"))
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--arch", default="fc2", choices=("fc2", "fc16", "lenet5", "vgg16"))
+    add_data_args(p)
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--train-subset", type=int, default=None,
                    help="first N training images (note: a different N trains a different ReLU twin; "
