@@ -168,13 +168,24 @@ def test_search_order(tmp_path, monkeypatch):
     (cache / "hwloop" / "mnist" / "train-labels-idx1-ubyte.gz").unlink()  # incomplete: skipped
     assert load_dataset("mnist")[0].shape[0] == 6
 
-    dirs = candidate_dirs("mnist", data_dir=explicit)
-    assert dirs == [
-        explicit,
-        explicit / "mnist",
-        cache / "hwloop" / "mnist",
-        tmp_path / "system" / "mnist",
-    ]
+    # an explicit directory is searched alone: never replaced by another copy
+    assert candidate_dirs("mnist", data_dir=explicit) == [explicit, explicit / "mnist"]
+    assert candidate_dirs("mnist") == [cache / "hwloop" / "mnist", tmp_path / "system" / "mnist"]
+
+
+def test_explicit_data_dir_without_the_dataset_is_an_error(tmp_path, monkeypatch):
+    """A --data-dir that does not hold the files must not fall back to the system copy (issue:
+    a nonexistent --data-dir ran the whole job on /usr/share/datasets, exit 0)."""
+    make_split(tmp_path / "system" / "mnist", 6)
+    monkeypatch.setattr("hwloop.data.datasets.SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.delenv("HWLOOP_DATA", raising=False)
+    assert load_dataset("mnist")[0].shape[0] == 6  # the fall-back search itself works
+    with pytest.raises(DatasetNotFound, match="does not exist") as info:
+        load_dataset("mnist", data_dir=tmp_path / "typo")
+    assert str(tmp_path / "typo") in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFound, match="does not hold it"):
+        load_dataset("mnist", data_dir=tmp_path / "empty")
 
 
 def test_missing_dataset_lists_every_place(tmp_path, monkeypatch):
@@ -183,9 +194,13 @@ def test_missing_dataset_lists_every_place(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFound) as info:
         load_dataset("fashion-mnist", "test", data_dir=tmp_path / "given")
     msg = str(info.value)
+    for place in (tmp_path / "given", tmp_path / "given" / "fashion-mnist"):
+        assert f"  - {place}\n" in msg
+    assert str(tmp_path / "env") not in msg
+    with pytest.raises(DatasetNotFound) as info:
+        load_dataset("fashion-mnist", "test")
+    msg = str(info.value)
     for place in (
-        tmp_path / "given",
-        tmp_path / "given" / "fashion-mnist",
         tmp_path / "env",
         tmp_path / "env" / "fashion-mnist",
         tmp_path / "xdg-cache" / "hwloop" / "fashion-mnist",

@@ -1,13 +1,15 @@
 """Datasets of the MNIST family (IDX files on disk), a synthetic task for fast tests, and a
 light batch iterator.
 
-Search order for the files of a dataset ``name`` (first directory holding both files of the
+Where the files of a dataset ``name`` are looked for (first directory holding both files of the
 requested split wins; each file may be raw or ``.gz``):
 
-1. ``data_dir`` given by the caller, then ``data_dir/<name>``;
-2. ``$HWLOOP_DATA``, then ``$HWLOOP_DATA/<name>``;
-3. the user cache ``${XDG_CACHE_HOME:-~/.cache}/hwloop/<name>``;
-4. the system-wide ``/usr/share/datasets/<name>`` (Debian's ``dataset-fashion-mnist``).
+* a ``data_dir`` given by the caller: ``data_dir``, then ``data_dir/<name>``, and nowhere else.
+  An explicit path that does not hold the dataset is an error (:class:`DatasetNotFound`), never a
+  silent fall-back to another copy;
+* without one, in order: ``$HWLOOP_DATA``, then ``$HWLOOP_DATA/<name>``; the user cache
+  ``${XDG_CACHE_HOME:-~/.cache}/hwloop/<name>``; the system-wide ``/usr/share/datasets/<name>``
+  (Debian's ``dataset-fashion-mnist``).
 """
 
 from __future__ import annotations
@@ -68,11 +70,12 @@ def _user_cache_dir() -> Path:
 
 
 def candidate_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Every directory searched for ``name``'s files, in search order."""
+    """Every directory searched for ``name``'s files, in search order (only ``data_dir`` and
+    ``data_dir/<name>`` when ``data_dir`` is given)."""
     name = _normalise_name(name)
     dirs: list[Path] = []
     if data_dir is not None:
-        dirs += [Path(data_dir), Path(data_dir) / name]
+        return [Path(data_dir), Path(data_dir) / name]
     env = os.environ.get("HWLOOP_DATA")
     if env:
         dirs += [Path(env), Path(env) / name]
@@ -107,6 +110,15 @@ def find_dataset_files(
         img, lbl = _find_in(directory, img_stem), _find_in(directory, lbl_stem)
         if img is not None and lbl is not None:
             return img, lbl
+    if data_dir is not None:
+        where = (f"the data directory given ({data_dir}) does not hold it" if Path(data_dir).is_dir()
+                 else f"the data directory given ({data_dir}) does not exist")
+        raise DatasetNotFound(
+            f"dataset {key!r} ({split} split) not found: {where}; no directory holds both "
+            f"{img_stem}[.gz] and {lbl_stem}[.gz].\nLooked in:\n"
+            + "".join(f"  - {d}\n" for d in looked)
+            + "An explicit --data-dir is never replaced by another copy: fix the path, or leave it "
+              "out to search $HWLOOP_DATA, the user cache and /usr/share/datasets.")
     lines = [
         f"dataset {key!r} ({split} split) not found: no directory holds both "
         f"{img_stem}[.gz] and {lbl_stem}[.gz].",

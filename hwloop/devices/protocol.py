@@ -242,6 +242,7 @@ SCPI_COMMANDS = {
     "SYST:ERR?": ("", 'code,"message" (0,"No error" when empty)'),
     "HWL:INFO?": ("", "JSON: {protocol_version, info, time_formats}"),
     "HWL:STAT?": ("", "JSON status"),
+    "HWL:ECHO?": ("<token: 1-64 of [A-Za-z0-9_.-]>", "<token> (the host's resynchronisation marker)"),
     "HWL:SEED": ("<seed>", "-"),
     "HWL:PROG": ("#<block: NetworkSpec JSON>", "-"),
     "HWL:WEIG": ("<layer>,<scale>[,<offset>,<commit 0|1>],#<block int32 LE>", "-"),

@@ -598,6 +598,12 @@ class ScpiSession:
                 return text('0,"No error"')
             code, msg = self.errors.popleft()
             return text(f'{code},"{msg}"')
+        if head == "HWL:ECHO?":  # the host's resynchronisation marker (VisaDevice._resync)
+            token = args[0] if len(args) == 1 else ""
+            if not (0 < len(token) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_.")
+                                                  for c in token)):
+                raise ValueError("HWL:ECHO? takes one token of 1-64 characters [A-Za-z0-9_.-]")
+            return text(token)
         if head == "HWL:INFO?":
             return text(P.dumps(core.hello()).decode())
         if head == "HWL:STAT?":

@@ -9,12 +9,22 @@ pyvisa-py keeps polling a TCP socket until its timeout after the peer has closed
 waits for replies itself on ``TCPIP::...::SOCKET`` resources (select + MSG_PEEK) and raises
 :class:`DeviceError` as soon as the peer hangs up. On other resources a timed-out reply is followed
 by a short ``*IDN?`` probe that tells a dead link (DeviceError) from a slow chip (DeviceTimeout).
+
+SCPI replies carry no sequence number, so a reply that arrives after its command timed out would
+otherwise be read as the reply to the next command. Every command is therefore marked in flight
+until it completes; if one does not complete (a timeout, a hang-up, an interrupt, a reply that
+does not parse), the next command is preceded by a resynchronisation (:meth:`VisaDevice._resync`):
+``*CLS``, ``HWL:TFOR``, ``HWL:ECHO? <fresh token>``, and everything read before the token's echo
+is discarded. If the echo does not come within ``resync_timeout``, the device is failed: that call
+and every later one raise :class:`DeviceError` saying why. Commands that complete cost nothing
+extra.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
 import select
 import socket
 import time
@@ -44,21 +54,36 @@ class VisaDevice(HostDevice):
         sparse: send changed codes as (index, code) pairs (``HWL:WEIG:SPAR``) when the chip
             offers it (``features`` of ``HWL:INFO?``) and that is smaller than the changed chunks.
         resource_manager: an existing ``pyvisa.ResourceManager`` to use.
+        resync_timeout: seconds to wait for the echo of the resynchronisation marker after a
+            command that did not complete; default ``timeout`` plus twice that command's own
+            timeout (the chip may still be finishing it).
+
+    Raises (any method): :class:`DeviceTimeout` when the chip does not answer a command in time
+    (the next command resynchronises first); :class:`DeviceError` when the peer hangs up, when
+    the device is closed, and when resynchronising failed (then on every later call too, until
+    the device is reopened); :class:`ProtocolError` for a malformed reply; chip errors from
+    ``SYST:ERR?`` as :class:`DeviceLimitError`, :class:`ProtocolError` or :class:`DeviceError`.
     """
 
     def __init__(self, resource: str, *, backend: str = "@py", timeout: float = 5.0,
                  per_sample_timeout_s: float = 0.01, byte_rate: float = 10e6,
                  chunk_codes: int = 65536, write_retries: int = 2, time_format: str = "auto",
                  resource_manager: Any = None, open_timeout: float = 5.0, verify: bool = True,
-                 sparse: bool = True):
+                 sparse: bool = True, resync_timeout: Optional[float] = None):
         import pyvisa
         self.resource = resource
         self._init_host(verify=verify, write_retries=write_retries, sparse=sparse,
-                        health=HEALTH_KEYS + ("verify_failures", "errors"))
+                        health=HEALTH_KEYS + ("verify_failures", "errors", "discarded_bytes"))
         self.timeout = float(timeout)
         self.per_sample_timeout_s = float(per_sample_timeout_s)
         self.byte_rate = float(byte_rate)
         self.chunk_codes = max(1, int(chunk_codes))
+        self.resync_timeout = None if resync_timeout is None else float(resync_timeout)
+        #: (command, its timeout) of a command that has not completed: the reply stream may be
+        #: out of step until :meth:`_resync` has run.
+        self._unsynced: Optional[tuple[str, float]] = None
+        #: why the device failed (resynchronisation impossible); every later call raises it.
+        self._failed: Optional[str] = None
         self._closed = False
         self._own_rm = resource_manager is None
         try:
@@ -105,6 +130,8 @@ class VisaDevice(HostDevice):
     def _ensure_alive(self, what: str) -> None:
         if self._closed:
             raise DeviceError(f"{self.resource}: device is closed")
+        if self._failed is not None:
+            raise DeviceError(f"{self._failed} (failed earlier; close and reopen the device)")
         sess = self._session()
         if sess is not None and not getattr(sess, "_pending_buffer", None) and \
                 self._peer_closed(sess):
@@ -160,24 +187,48 @@ class VisaDevice(HostDevice):
         except Exception:
             return False
 
-    def _write(self, cmd: str) -> None:
-        self._ensure_alive(cmd)
+    # -- transactions: every command is in flight (``_unsynced``) until it has completed -------
+    def _begin(self, what: str, timeout: float) -> None:
+        """Start a command: refuse on a closed or failed device, resynchronise when the last
+        command did not complete, then mark this one in flight."""
+        self._ensure_alive(what)
+        if self._unsynced is not None:
+            self._resync()
+        self._unsynced = (what, timeout)
+
+    def _suspect(self, what: str) -> None:
+        """A reply did not fit its command: resynchronise before the next one."""
+        if self._unsynced is None:
+            self._unsynced = (what, self.timeout)
+
+    def _send(self, cmd: str) -> None:
         self.health["bytes_tx"] += len(cmd) + 1
         self._io(cmd, self._inst.write, cmd)
 
-    def _write_block(self, cmd: str, values: np.ndarray, datatype: str) -> None:
+    def _send_block(self, cmd: str, values: np.ndarray, datatype: str) -> None:
         head = cmd.split(" ", 1)[0]
-        self._ensure_alive(head)
         arr = np.ascontiguousarray(values)
         self.health["bytes_tx"] += len(cmd) + arr.nbytes + 12
         self._io(head, self._inst.write_binary_values, cmd, arr, datatype=datatype,
                  is_big_endian=False, timeout=self.timeout + arr.nbytes / self.byte_rate)
 
+    def _write(self, cmd: str) -> None:
+        self._begin(cmd, self.timeout)
+        self._send(cmd)
+        self._unsynced = None
+
+    def _write_block(self, cmd: str, values: np.ndarray, datatype: str) -> None:
+        self._begin(cmd.split(" ", 1)[0], self.timeout)
+        self._send_block(cmd, values, datatype)
+        self._unsynced = None
+
     def _query(self, cmd: str, timeout: Optional[float] = None) -> str:
         t = self.timeout if timeout is None else timeout
-        self._write(cmd)
+        self._begin(cmd, t)
+        self._send(cmd)
         self._wait_reply(cmd, t)
         s = self._io(cmd, self._inst.read, timeout=t)
+        self._unsynced = None
         self.health["bytes_rx"] += len(s) + 1
         return s.strip()
 
@@ -185,17 +236,103 @@ class VisaDevice(HostDevice):
                      write_values: Optional[tuple[np.ndarray, str]] = None) -> bytes:
         t = self.timeout if timeout is None else timeout
         head = cmd.split(" ", 1)[0]
+        self._begin(head, t)
         if write_values is None:
-            self._write(cmd)
+            self._send(cmd)
         else:
-            self._write_block(cmd, *write_values)
+            self._send_block(cmd, *write_values)
         self._wait_reply(head, t)
         data = self._io(head, self._inst.read_binary_values, datatype="s", container=bytes,
                         timeout=t)
+        self._unsynced = None
         self.health["bytes_rx"] += len(data) + 12
         if not data:
             self._check_errors(head)  # an empty block means the command failed
         return data
+
+    # -- resynchronisation -----------------------------------------------------------------------
+    def _resync(self) -> None:
+        """Bring the reply stream back in step after a command that did not complete.
+
+        Device clear (``clear()``) on resources that support it (not ``::SOCKET``, where
+        pyvisa-py's clear only drains what has arrived so far), then ``*CLS`` (the unfinished
+        command's errors must not be blamed on the next one), ``HWL:TFOR`` (in case the chip
+        executed a ``*RST``) and ``HWL:ECHO? <fresh random token>``; every byte read before the
+        token's echo is discarded (counted in ``health["discarded_bytes"]``).
+
+        Raises:
+            DeviceError: (not a DeviceTimeout) the echo did not come within ``resync_timeout``,
+                or the link failed meanwhile; the device is failed and every later call raises
+                the same error. An interrupt (KeyboardInterrupt) leaves the device to be
+                resynchronised again by the next call.
+        """
+        what, t_failed = self._unsynced
+        bound = self.resync_timeout if self.resync_timeout is not None else \
+            self.timeout + 2 * t_failed
+        token = f"hwl-sync-{secrets.token_hex(8)}"
+        self.health["resyncs"] += 1
+        try:
+            if self._session() is None:
+                try:
+                    self._inst.clear()
+                except Exception:  # not every resource/backend has a device clear
+                    pass
+            self._send("*CLS")
+            self._send("HWL:TFOR " + ("F64" if getattr(self, "f64", False) else "TICK"))
+            self._send(f"HWL:ECHO? {token}")
+            self._read_until(token, bound)
+        except DeviceError as e:
+            self._failed = (f"{self.resource}: replies out of step: {what} did not complete and "
+                            f"resynchronising failed (no echo of the HWL:ECHO? marker; waited up "
+                            f"to {bound:.3g} s): {e}")
+            raise DeviceError(self._failed + "; close and reopen the device") from e
+        self._unsynced = None
+
+    def _read_until(self, token: str, bound: float) -> None:
+        """Read and discard until the line holding ``token`` has arrived, within ``bound`` s.
+
+        Raises:
+            DeviceTimeout: no echo in time. DeviceError: the peer hung up or the read failed.
+        """
+        import pyvisa
+        want = token.encode("ascii")
+        deadline = time.monotonic() + bound
+        buf = bytearray()
+        discarded = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.health["discarded_bytes"] += discarded + len(buf)
+                raise DeviceTimeout(f"{self.resource}: no echo of the resync marker within "
+                                    f"{bound:.3g} s")
+            self._wait_reply("HWL:ECHO?", remaining)
+            try:
+                self._inst.timeout = max(1, int((deadline - time.monotonic()) * 1000))
+                got = self._inst.read_raw()
+            except pyvisa.errors.VisaIOError as e:
+                if e.error_code != pyvisa.constants.StatusCode.error_timeout:
+                    raise DeviceError(f"{self.resource}: read failed while resynchronising: "
+                                      f"{e}") from e
+                continue  # the deadline check above decides
+            except (OSError, ValueError) as e:
+                raise DeviceError(f"{self.resource}: read failed while resynchronising (peer "
+                                  f"hung up?): {e}") from e
+            self.health["bytes_rx"] += len(got)
+            buf += got
+            i = buf.find(want)
+            if i < 0:
+                keep = len(want) - 1  # a token split across two reads
+                discarded += max(0, len(buf) - keep)
+                del buf[:max(0, len(buf) - keep)]
+                continue
+            nl = buf.find(b"\n", i + len(want))
+            if nl < 0:
+                continue  # the rest of the echo line is on its way
+            # the token is fresh and random: its echo cannot be part of an earlier reply, and
+            # nothing was sent after it, so nothing follows but the end of its line
+            discarded += i + (len(buf) - nl - 1)
+            self.health["discarded_bytes"] += discarded
+            return
 
     def _check_errors(self, what: str) -> None:
         """Drain SYST:ERR?; raise for the first error (LIMIT -> DeviceLimitError)."""
@@ -206,6 +343,7 @@ class VisaDevice(HostDevice):
             try:
                 code = int(code_s)
             except ValueError as e:
+                self._suspect("SYST:ERR?")
                 raise ProtocolError(f"{self.resource}: bad SYST:ERR? reply {line!r}") from e
             if code == 0:
                 break
@@ -300,6 +438,7 @@ class VisaDevice(HostDevice):
             crc, scale, n = line.split(",")
             return int(crc), float(scale), int(n)
         except ValueError as e:
+            self._suspect("HWL:WEIG:CRC?")
             raise ProtocolError(f"{self.resource}: bad HWL:WEIG:CRC? reply {line!r}") from e
 
     def _threshold_step(self) -> int:
@@ -315,9 +454,17 @@ class VisaDevice(HostDevice):
     def _read_thr_flat(self, layer: int, n: int) -> np.ndarray:
         data = self._query_block(f"HWL:THR? {layer}", self.timeout + 8 * n / self.byte_rate)
         if len(data) != 8 * n:
+            self._suspect("HWL:THR?")
             raise ProtocolError(f"{self.resource}: HWL:THR? returned {len(data)} bytes for "
                                 f"{n} values")
         return np.frombuffer(data, P.DT_F64).astype(np.float64)
+
+    def _decode_run(self, spec: NetworkSpec, b: int, body: bytes):
+        try:
+            return super()._decode_run(spec, b, body)
+        except ProtocolError:
+            self._suspect("HWL:RUN?")  # a reply that does not fit its run
+            raise
 
     def _run_exchange(self, arr: np.ndarray, b: int, expect: int) -> bytes:
         values = self._input_values(arr)
@@ -341,6 +488,7 @@ class VisaDevice(HostDevice):
         n = math.prod(spec.weight_shape)
         data = self._query_block(f"HWL:WEIG? {layer}", self.timeout + 4 * n / self.byte_rate)
         if len(data) != 4 * n:
+            self._suspect("HWL:WEIG?")
             raise ProtocolError(f"{self.resource}: HWL:WEIG? returned {len(data)} bytes for "
                                 f"{n} codes")
         scale_s = self._query(f"HWL:WEIG:SCAL? {layer}")

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hwloop.devices.base import NetworkSpec
 from hwloop.errors import CheckpointError
 from hwloop.mapping import ProgramState, apply_windows, latency_windows, program_network
-from hwloop.provenance import provenance
+from hwloop.provenance import file_sha256, provenance
 from hwloop.train.checkpoint import load_checkpoint, save_checkpoint
 from hwloop.train.hil import FinetuneConfig, HILTrainer, epoch_order, evaluate_device, evaluate_net
 from hwloop.ttfs import TTFSNetwork, convert
@@ -85,6 +85,34 @@ def load_data(opts: FinetuneOptions):
     return xtr, ytr, xte, yte
 
 
+def data_source(opts: FinetuneOptions) -> dict[str, Any]:
+    """Where the data of a run comes from: the IDX files found for ``opts`` (absolute paths),
+    or ``"synthetic"`` with its seed. Raises :class:`~hwloop.errors.DatasetNotFound` as
+    :func:`load_data` does."""
+    if opts.dataset == "synthetic":
+        return {"dataset": "synthetic", "seed": opts.finetune.seed}
+    from hwloop.data.datasets import find_dataset_files
+    files = [str(Path(f).resolve()) for split in ("train", "test")
+             for f in find_dataset_files(opts.dataset, split, opts.data_dir)]
+    return {"dataset": opts.dataset, "files": files}
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """sha256 over the dtype, shape and bytes of each tensor: a content key that does not
+    depend on thread counts or summation order (unlike a float sum)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_digest(data) -> str:
+    """sha256 of (x_train, y_train, x_test, y_test) as :func:`load_data` returns them."""
+    return tensor_digest(*data)
+
+
 def cache_root(opts: FinetuneOptions) -> Path:
     if opts.cache_dir:
         return Path(opts.cache_dir)
@@ -92,9 +120,30 @@ def cache_root(opts: FinetuneOptions) -> Path:
     return Path(base) / "hwloop" / "models"
 
 
-def relu_twin(opts: FinetuneOptions, data, log: Callable[[str], None] = print):
-    """The trained ReLU twin, from the cache when the same (data, arch, recipe, seed) was
-    trained before. Returns ``(model, info)``."""
+def twin_cache_path(opts: FinetuneOptions, data, digest: Optional[str] = None) -> Path:
+    """The cache file of the ReLU twin for ``(data content, arch, recipe, seed)``.
+
+    Keyed on a content hash of the data (:func:`data_digest`) and the full recipe, so
+    ``finetune``, ``evaluate``, ``calibrate`` and ``sweep`` share one twin for the same inputs
+    whatever their thread counts."""
+    from hwloop.train.software import RECIPES
+    xtr, ytr, xte, yte = data
+    recipe = RECIPES[opts.pretrain_recipe].to_dict()
+    if opts.pretrain_epochs is not None:
+        recipe["epochs"] = opts.pretrain_epochs
+    n_classes = int(max(int(ytr.max()), int(yte.max())) + 1)
+    key_src = json.dumps({"dataset": opts.dataset, "arch": opts.arch, "recipe": recipe,
+                          "seed": opts.finetune.seed, "classes": n_classes,
+                          "data_sha256": digest or data_digest(data)}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    return cache_root(opts) / f"{opts.dataset}-{opts.arch}-{key}.pt"
+
+
+def relu_twin(opts: FinetuneOptions, data, log: Callable[[str], None] = print,
+              digest: Optional[str] = None):
+    """The trained ReLU twin, from the cache when the same (data content, arch, recipe, seed)
+    was trained before (:func:`twin_cache_path`). ``digest``: the data's
+    :func:`data_digest` when the caller has it already. Returns ``(model, info)``."""
     from hwloop.train.software import RECIPES, train
     from hwloop.ttfs.architectures import build_relu
 
@@ -103,12 +152,7 @@ def relu_twin(opts: FinetuneOptions, data, log: Callable[[str], None] = print):
     if opts.pretrain_epochs is not None:
         recipe["epochs"] = opts.pretrain_epochs
     n_classes = int(max(int(ytr.max()), int(yte.max())) + 1)
-    key_src = json.dumps({"dataset": opts.dataset, "n_train": int(xtr.shape[0]), "arch": opts.arch,
-                          "recipe": recipe, "seed": opts.finetune.seed,
-                          "shape": list(xtr.shape[1:]), "classes": n_classes,
-                          "first": float(xtr[:64].sum())}, sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    path = cache_root(opts) / f"{opts.dataset}-{opts.arch}-{key}.pt"
+    path = twin_cache_path(opts, data, digest)
     torch.manual_seed(opts.finetune.seed)
     model = build_relu(opts.arch, tuple(xtr.shape[1:]), n_classes)
     if path.exists():
@@ -237,22 +281,107 @@ class _Interrupt(Exception):
     """Raised by the test hook ``stop_after_steps`` to simulate a killed run."""
 
 
+#: the options that change a run's result, compared on ``--resume`` (``out``, ``resume``,
+#: ``cache_dir`` and ``progress`` do not change it). The device is compared by what it is, not
+#: by the string that reached it (a virtual chip restarted on another port is the same chip): its
+#: device id and, for an emulator, its profile's content. The data, the twin and the calibration
+#: record are compared by content as well (see ``inputs`` in :func:`run_finetune`).
+RESULT_OPTIONS = ("chip_seed", "profile_overrides", "dataset", "data_dir", "arch",
+                  "pretrain_recipe", "pretrain_epochs", "train_subset", "test_subset",
+                  "window_percentile", "finetune", "calibration", "eval_batch_size")
+
+
+def option_mismatches(saved: dict, opts: FinetuneOptions) -> list[str]:
+    """Every result-changing option (:data:`RESULT_OPTIONS`) whose value in a checkpoint's
+    ``options`` differs from ``opts``, as ``"name: checkpoint X, now Y"`` (nested fine-tuning
+    options dotted, e.g. ``finetune.lr``)."""
+    now = opts.model_dump(mode="json")
+    out = []
+    for k in RESULT_OPTIONS:
+        a, b = saved.get(k), now.get(k)
+        if isinstance(b, dict) and isinstance(a, dict):
+            out += [f"{k}.{kk}: checkpoint {a.get(kk)!r}, now {vv!r}" for kk, vv in b.items()
+                    if a.get(kk) != vv]
+            out += [f"{k}.{kk}: checkpoint {a[kk]!r}, now absent" for kk in a if kk not in b]
+        elif a != b:
+            out.append(f"{k}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+def input_mismatches(saved: dict, now: dict) -> list[str]:
+    """Every content record of :func:`run_inputs` that differs (keys present in ``now``)."""
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+
+
+def _profile_digest(device) -> Optional[str]:
+    prof = getattr(device, "profile", None)
+    if prof is None:
+        return None
+    return hashlib.sha256(json.dumps(prof.model_dump(mode="json"), sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+def _check_resume(ckpt: Path, what: str, mismatches: list[str]) -> None:
+    if mismatches:
+        raise CheckpointError(f"{ckpt} was written with other {what} (" + "; ".join(mismatches)
+                              + "): resume with the same inputs, or start a new run with another --out")
+
+
+def _rewrite_log(path: Path, keep_below_epoch: int) -> None:
+    """Keep only the step rows of epochs before ``keep_below_epoch`` (those the checkpoint
+    holds); rows of an interrupted epoch, and a torn last line, are dropped. Atomic."""
+    if not path.exists():
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line torn by the interruption
+            if isinstance(row, dict) and int(row.get("epoch", -1)) < keep_below_epoch:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
                  stop_after_steps: Optional[int] = None) -> dict[str, Any]:
     """Run the whole job; returns the report (also written to ``<out>/report.json``).
 
+    The output folder is locked for the run (:class:`~hwloop.train.lock.FolderLock`).
+    ``resume`` continues from ``<out>/checkpoint.pt`` only when every input that changes the
+    result is the same: the options of :data:`RESULT_OPTIONS`, the data's content hash, the
+    ReLU twin's weights, the calibration record's content, the device id and its profile; a
+    resumed run then equals an uninterrupted one bit for bit (weights, report, step log).
+
     ``stop_after_steps`` (tests): raise after that many fine-tuning steps in this call, as if
     the process had been killed mid-epoch.
+
+    Raises:
+        CheckpointError: ``resume`` without a checkpoint, a checkpoint without ``resume``, a
+            checkpoint written with other inputs (every mismatch named), or the folder is in use.
     """
+    from hwloop.train.lock import FolderLock
+    with FolderLock(opts.out, "hwloop finetune"):
+        return _run_finetune_locked(opts, log, stop_after_steps)
+
+
+def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
+                         stop_after_steps: Optional[int]) -> dict[str, Any]:
     t_start = time.time()
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
     ft = opts.finetune
     if opts.resume and not ckpt.exists():
         raise CheckpointError(f"--resume: no checkpoint at {ckpt} (nothing to resume; run without --resume)")
     if not opts.resume and ckpt.exists():
         raise CheckpointError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
+    ck = None
+    if opts.resume:  # options first: a mismatch fails before any data is loaded or twin trained
+        ck = _load_for_resume(ckpt, log)
+        _check_resume(ckpt, "options", option_mismatches(ck.get("options", {}), opts))
 
     # the device and the calibration record first: a wrong name fails before any training
     calibration = None
@@ -261,18 +390,29 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
         calibration = load_record(opts.calibration)
     device = open_named_device(opts.device, opts.chip_seed, opts.profile_overrides)
     try:
+        info = device.info()
         if calibration is not None:
             from hwloop.calibrate.fit import spec_for_arch
             from hwloop.calibrate.record import check_record_matches
-            check_record_matches(calibration, device.info().device_id,
-                                 spec_for_arch(opts.arch, opts.dataset))
+            check_record_matches(calibration, info.device_id, spec_for_arch(opts.arch, opts.dataset))
+        source = data_source(opts)
         data = load_data(opts)
         xtr, ytr, xte, yte = data
-        relu, relu_info = relu_twin(opts, data, log)
+        digest = data_digest(data)
+        inputs = {"device_id": info.device_id, "profile_sha256": _profile_digest(device),
+                  "data_sha256": digest,
+                  "calibration_sha256": file_sha256(opts.calibration) if opts.calibration else None}
+        if ck is not None:
+            _check_resume(ckpt, "inputs", input_mismatches(
+                ck.get("inputs", {"device_id": ck.get("device_id")}), inputs))
+        relu, relu_info = relu_twin(opts, data, log, digest)
+        inputs["twin_sha256"] = _weights_digest(relu)
+        if ck is not None:
+            _check_resume(ckpt, "inputs", input_mismatches(ck.get("inputs", {}),
+                                                           {"twin_sha256": inputs["twin_sha256"]}))
         net = convert(relu, xtr[:2000].to(torch.float64), dtype=torch.float64)
         ideal = copy.deepcopy(net)
         shadow, state, pct = map_network(device, net, xtr, opts.window_percentile, calibration)
-        info = device.info()
         log(f"device {info.device_id} (firmware {info.firmware_version}): weight bits "
             f"{state.weight_bits or 'float'}, time steps/layer {info.time_steps_per_layer or 'continuous'}, "
             f"windows at the {pct:g}th percentile")
@@ -285,20 +425,12 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
 
         trainer = HILTrainer(device, shadow, state, ft)
         start_epoch, history, before = 0, [], None
-        if opts.resume:
-            ck = _load_for_resume(ckpt, log)
-            saved = ck.get("options", {}).get("finetune", {})
-            diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in ft.model_dump().items()
-                    if saved.get(k) != v]
-            if diff:
-                raise CheckpointError(f"{ckpt} was written with other fine-tuning options ("
-                                      + "; ".join(diff) + "); resume with the same options")
-            if ck.get("device_id") not in (None, info.device_id):
-                raise CheckpointError(f"{ckpt} was written on device {ck.get('device_id')!r}, "
-                                      f"this run is on {info.device_id!r}: resume on the same chip")
+        if ck is not None:
             shadow.load_state_dict(ck["shadow"])
             trainer.opt.load_state_dict(ck["optimizer"])
             trainer.state = state_from_dict(ck["state"], state)
+            # the windows adapted by Eq. (8) live in the shadow; the chip is programmed with them
+            trainer.state.spec = trainer.state.spec.with_windows(shadow.windows())
             trainer.nominal.load_state_dict(ck["shadow"])
             trainer._refresh_nominal()
             reprogram(device, trainer.state)
@@ -315,6 +447,7 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
 
         steps_done = 0
         log_path = out / "log.jsonl"
+        _rewrite_log(log_path, start_epoch)  # each step once, whatever was interrupted before
         t_ft = time.time()
         with open(log_path, "a", encoding="utf-8") as logf:
             for epoch in range(start_epoch, ft.epochs):
@@ -356,7 +489,7 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
                                        "state": state_to_dict(trainer.state),
                                        "history": history, "before": before,
                                        "device_calls": trainer.device_calls,
-                                       "device_id": info.device_id,
+                                       "device_id": info.device_id, "inputs": inputs,
                                        "options": opts.model_dump(mode="json")})
         ft_time = time.time() - t_ft
 
@@ -365,9 +498,11 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
         after = {"device": evaluate_device(device, shadow, xte, yte, opts.eval_batch_size)}
         report = {
             "dataset": opts.dataset, "arch": opts.arch, "n_train": int(n_train), "n_test": int(xte.shape[0]),
+            "data": {**source, "sha256": digest},
             "window_percentile": pct, "weight_bits": state.weight_bits,
             "windows_tau_c": shadow.windows(), "latency_tau_c": shadow.t_read() - shadow.t_max0 + 1.0,
-            "relu_twin": relu_info, "before": before, "after": after, "history": history,
+            "relu_twin": {**relu_info, "sha256": inputs["twin_sha256"]},
+            "before": before, "after": after, "history": history,
             "finetune": ft.model_dump(), "steps_per_epoch": steps_per_epoch,
             "finetune_wall_time_s": round(ft_time, 2), "wall_time_s": round(time.time() - t_start, 2),
             "device_calls": trainer.device_calls + before["device"]["device_calls"]
@@ -382,7 +517,9 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=float))
     os.replace(tmp, out / "report.json")
-    torch.save({"shadow": shadow.state_dict()}, out / "final_weights.pt")
+    tmp = out / "final_weights.pt.tmp"
+    torch.save({"shadow": shadow.state_dict()}, tmp)
+    os.replace(tmp, out / "final_weights.pt")
     return report
 
 
