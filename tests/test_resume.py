@@ -313,3 +313,17 @@ def test_lock_is_released_by_a_crash_and_across_processes(tmp_path):
         p.kill()
         p.wait(10)
     FolderLock(out).acquire().release()  # the killed holder left no stale lock
+
+
+def test_evaluate_records_the_data_source(tmp_path, monkeypatch):
+    from hwloop.commands.evaluate import evaluate_on_device
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the twin cache
+    data = tmp_path / "data"
+    _idx_dataset(data, seed=0)
+    with pytest.raises(DatasetNotFound, match="does not exist"):
+        evaluate_on_device(str(ROOT / "devices" / "emulator-ideal.yaml"), dataset="mnist",
+                           data_dir=str(tmp_path / "nope"), log=quiet)
+    out = evaluate_on_device(str(ROOT / "devices" / "emulator-ideal.yaml"), dataset="mnist",
+                             data_dir=str(data), pretrain_epochs=1, log=quiet)
+    assert out["data"]["files"][2] == str((data / "t10k-images-idx3-ubyte").resolve())
+    assert len(out["data"]["sha256"]) == 64 and out["n_test"] == 48

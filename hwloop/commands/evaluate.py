@@ -89,8 +89,8 @@ def evaluate_on_device(device: str, chip_seed: Optional[int] = None, calibration
     from hwloop.calibrate.compensate import program_calibrated
     from hwloop.calibrate.record import load_record
     from hwloop.mapping import program_network
-    from hwloop.train.finetune import (FinetuneOptions, load_data, map_network, open_named_device,
-                                       relu_twin)
+    from hwloop.train.finetune import (FinetuneOptions, data_digest, data_source, load_data,
+                                       map_network, open_named_device, relu_twin)
     from hwloop.train.hil import FinetuneConfig, evaluate_device, evaluate_net
     from hwloop.errors import CheckpointError
     from hwloop.ttfs import convert
@@ -107,9 +107,11 @@ def evaluate_on_device(device: str, chip_seed: Optional[int] = None, calibration
         from hwloop.calibrate.record import check_record_matches
         with open_named_device(device, chip_seed) as dev:
             check_record_matches(rec, dev.info().device_id, spec_for_arch(arch, dataset))
+    source = data_source(opts)
     data = load_data(opts)
     xtr, ytr, xte, yte = data
-    relu, _ = relu_twin(opts, data, log)
+    digest = data_digest(data)
+    relu, _ = relu_twin(opts, data, log, digest)
     net = convert(relu, xtr[:2000].to(torch.float64), dtype=torch.float64)
     mode = "calibrated" if rec is not None else "uncalibrated"
     with open_named_device(device, chip_seed) as dev:
@@ -143,7 +145,7 @@ def evaluate_on_device(device: str, chip_seed: Optional[int] = None, calibration
         res = evaluate_device(dev, shadow, xte, yte, batch_size)
     ideal_res = evaluate_net(ideal, xte, yte) if not weights else None
     return {"device_id": info.device_id, "mode": mode, "dataset": dataset, "arch": arch,
-            "n_test": int(xte.shape[0]), "device": res,
+            "n_test": int(xte.shape[0]), "data": {**source, "sha256": digest}, "device": res,
             "ideal_snn": ideal_res, "calibration": calibration, "weights": weights}
 
 
