@@ -40,7 +40,8 @@ from typing import Optional
 
 import torch
 
-from hwloop.calibrate.record import CalibrationRecord, check_record_matches
+from hwloop.calibrate.record import (FACTOR_RANGE, CalibrationRecord, check_record_matches,
+                                     validate_record)
 from hwloop.devices.base import TTFSDevice
 from hwloop.errors import CalibrationError
 from hwloop.mapping import ProgramState, network_to_spec, program_network
@@ -50,8 +51,11 @@ from hwloop.ttfs.network import TTFSNetwork
 __all__ = ["CalibratedProgramState", "Compensation", "LayerCompensation", "program_calibrated"]
 
 F64 = torch.float64
-#: gains and slopes outside this range are treated as failed fits (clamped, noted)
-SANE = (0.2, 5.0)
+#: per-synapse gains outside this range (a dead or noisily measured synapse) are clamped, with a
+#: note. Per-neuron slopes, gains and offset gains are never clamped: the record refuses them
+#: outside the same range (:data:`hwloop.calibrate.record.FACTOR_RANGE`), so the intercept
+#: a(w) = d + s o w and the threshold correction use one and the same slope.
+SANE = FACTOR_RANGE
 
 
 @dataclass
@@ -85,9 +89,14 @@ class Compensation:
         "auto" (per synapse where the spread of the per-synapse estimates exceeds twice their
         standard error, i.e. the estimates resolve real gain differences), "none" (thresholds
         and slopes only, weights as they are).
+
+        Raises:
+            CalibrationError: the record's values or shapes are not allowed (validated again:
+                it may have been edited in memory), naming its file, the field and the range.
         """
         if granularity not in ("auto", "synapse", "neuron", "none"):
             raise ValueError(f"granularity must be auto/synapse/neuron/none, got {granularity!r}")
+        validate_record(record)
         out: dict[int, LayerCompensation] = {}
         notes: list[str] = []
         for i, l in enumerate(spec.layers):
@@ -113,12 +122,8 @@ class Compensation:
                 out[i] = LayerCompensation(i, l.kind, gain, offset_gain=q, per_synapse=per_syn)
                 continue
             w = float(l.t_max) - float(l.t_min)
-            s = lc.vec("slope")
+            s = lc.vec("slope")  # validated: in FACTOR_RANGE, so nothing to clamp
             a = lc.vec("delay") + s * lc.vec("threshold_offset") * w
-            bad = int(((s < SANE[0]) | (s > SANE[1])).sum())
-            if bad:
-                notes.append(f"layer {i}: {bad} slopes outside {SANE} clamped")
-                s = s.clamp(*SANE)
             out[i] = LayerCompensation(i, l.kind, gain if l.kind == "dense" else None, slope=s,
                                        intercept=a, per_synapse=per_syn)
         return cls(out, record.content_hash, record.device_id, notes)
@@ -206,7 +211,8 @@ def program_calibrated(device: TTFSDevice, net: TTFSNetwork, record: Calibration
     gain corrections are re-quantised with the layer.
 
     Raises:
-        CalibrationError: the record is for another device or topology.
+        CalibrationError: the record is for another device or topology, or holds values or
+            shapes that are not allowed (named by file, field and allowed range).
         DeviceLimitError, WriteVerifyError: as :func:`hwloop.mapping.program_network`.
     """
     if not isinstance(record, CalibrationRecord):

@@ -28,18 +28,22 @@ Estimators:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
+from pydantic import ValidationError
 
 from hwloop.calibrate.probes import (F64, Prober, activations_in, one_hot_inputs,
                                      k_hot_inputs, relay_codes, silent_inputs, stage_of,
                                      sweep_levels, with_widths)
-from hwloop.calibrate.record import Array, CalibrationRecord, LayerCalibration
+from hwloop.calibrate.record import (FACTOR_RANGE, OFFSET_RANGE, SE_MARGIN, SYNAPSE_RANGE, Array,
+                                     CalibrationRecord, LayerCalibration,
+                                     describe_validation_error)
 from hwloop.devices.base import NEURON_KINDS, NetworkSpec, TTFSDevice, check_fits
 from hwloop.errors import CalibrationError
 
@@ -207,6 +211,39 @@ def _say(opts: CalibrationOptions, msg: str) -> None:
         opts.log(msg)
 
 
+@contextlib.contextmanager
+def _fitted(device_id: str, what: str, prefix: tuple = ()) -> Iterator[None]:
+    """Turn a value the record's models refuse (out of range, not finite) into a
+    :class:`CalibrationError` naming the device, the layer and the field."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise CalibrationError(f"calibration of {device_id}, {what}: the fit gave a value a record "
+                               f"does not allow: {describe_validation_error(exc, prefix=prefix)} "
+                               "(a failed fit or a circuit the model cannot compensate; see "
+                               "docs/calibration.md)") from None
+
+
+def _ids(mask: torch.Tensor, most: int = 8) -> str:
+    idx = torch.nonzero(mask.flatten()).flatten().tolist()
+    return ", ".join(map(str, idx[:most])) + (f", ... ({len(idx)} in all)" if len(idx) > most else "")
+
+
+def _to_median(values: dict[str, torch.Tensor], bad: torch.Tensor, what: str, layer: str) -> str:
+    """Set the ``bad`` neurons of every tensor in ``values`` (flat, in place) to the median of the
+    others: a fit the record would refuse (docs/calibration.md, "What a record must satisfy") is
+    a failed fit, and the neuron is then treated as a typical one. Returns the note."""
+    good = ~bad
+    if not bool(good.any()):
+        raise CalibrationError(f"{layer}: every neuron's {what} fit is outside the allowed range; "
+                               "the chip does not follow the model (docs/calibration.md)")
+    for v in values.values():
+        v[bad] = v[good].median()
+    n = int(bad.sum())
+    return (f"{n} neuron{'s' if n > 1 else ''} ({_ids(bad)}): {what} fit outside the allowed range, "
+            f"set to the layer median ({', '.join(values)}): not compensated individually")
+
+
 def _grid_dt(K: Optional[int], width: float) -> Optional[float]:
     return None if not K else float(width) / float(K)
 
@@ -309,23 +346,38 @@ def calibrate_device(device: TTFSDevice, spec: NetworkSpec, options: Optional[Ca
         dropped = int((f["dropped"] > 0).sum())
         if dropped:
             notes.append(f"{dropped} neurons had sweep settings dropped as outliers (clamped at t_min)")
+        sdo = {"slope": f["slope"], "delay": f["delay"], "threshold_offset": f["threshold_offset"]}
+        wmax = max(float(w) for w in opts.widths)
+        out = ((sdo["slope"] < FACTOR_RANGE[0]) | (sdo["slope"] > FACTOR_RANGE[1])
+               | (sdo["threshold_offset"] < OFFSET_RANGE[0]) | (sdo["threshold_offset"] > OFFSET_RANGE[1])
+               | (sdo["delay"].abs() > wmax))
+        if bool(out.any()):
+            notes.append(_to_median(sdo, out, "sweep", f"layer {i} ({l.kind})"))
         if l.kind == "conv2d":
             notes.append("conv2d: slope/delay/offset identified per neuron (output position); "
                          "synapse gains not identified; compensation applies the per-channel "
                          "mean threshold correction only")
-        layers[i] = LayerCalibration(
-            index=i, kind=l.kind, in_shape=l.in_shape, out_shape=l.out_shape, weight_shape=l.weight_shape,
-            slope=f["slope"].tolist(), delay=f["delay"].tolist(),
-            threshold_offset=f["threshold_offset"].tolist(),
-            residual_rms={"sweep": float(torch.sqrt((f["residual_rms"] ** 2).mean()))}, notes=notes)
+        with _fitted(info.device_id, f"layer {i} ({l.kind}), threshold sweep"):
+            layers[i] = LayerCalibration(
+                index=i, kind=l.kind, in_shape=l.in_shape, out_shape=l.out_shape,
+                weight_shape=l.weight_shape, slope=f["slope"].tolist(), delay=f["delay"].tolist(),
+                threshold_offset=f["threshold_offset"].tolist(),
+                residual_rms={"sweep": float(torch.sqrt((f["residual_rms"] ** 2).mean()))},
+                notes=notes)
     for i in readout_idx:
         l = spec.layers[i]
         off, val = torch.stack(ro_off[i]), torch.stack(ro_val[i])   # (M, n)
         q = (off * val).sum(0) / (off * off).sum(0)
         res = val - off * q
-        layers[i] = LayerCalibration(
-            index=i, kind=l.kind, in_shape=l.in_shape, out_shape=l.out_shape, weight_shape=l.weight_shape,
-            offset_gain=q.tolist(), residual_rms={"offset": float(res.pow(2).mean().sqrt())})
+        notes = []
+        out = ~((q >= FACTOR_RANGE[0]) & (q <= FACTOR_RANGE[1]))
+        if bool(out.any()):
+            notes.append(_to_median({"offset_gain": q}, out, "offset gain", f"layer {i} ({l.kind})"))
+        with _fitted(info.device_id, f"layer {i} ({l.kind}), offset sweep"):
+            layers[i] = LayerCalibration(
+                index=i, kind=l.kind, in_shape=l.in_shape, out_shape=l.out_shape,
+                weight_shape=l.weight_shape, offset_gain=q.tolist(),
+                residual_rms={"offset": float(res.pow(2).mean().sqrt())}, notes=notes)
 
     # ---------------------------------------------------------------- 2./3. synapse probes
     if opts.synapse_gains:
@@ -346,18 +398,19 @@ def calibrate_device(device: TTFSDevice, spec: NetworkSpec, options: Optional[Ca
 
     from hwloop import __version__ as hv  # late: avoids an import cycle at package import
     prof = getattr(device, "profile", None)
-    rec = CalibrationRecord(
-        device_id=info.device_id, firmware_version=info.firmware_version,
-        profile=getattr(prof, "name", None), method=METHOD, method_version=METHOD_VERSION,
-        hwloop_version=str(hv), arch=arch, input_shape=tuple(spec.input_shape),
-        t_max0=float(spec.t_max0), time_steps_per_layer=K, weight_bits=int(info.weight_bits),
-        probe_widths=[float(w) for w in opts.widths], repeats=R, levels=L,
-        layers=[layers[i] for i in sorted(layers)], jitter_sd=jitter, jitter_sd_se=jitter_se,
-        jitter_method=("repeat variance" if not K else
-                       "repeat variance of ceil-registered times, inverted (uniform phase)"),
-        device_runs=pr.count.runs, samples=pr.count.samples, programs=pr.count.programs,
-        writes=pr.count.writes, wall_time_s=round(time.time() - t0, 3),
-        chip_seed=chip_seed if chip_seed is not None else getattr(device, "chip_seed", None))
+    with _fitted(info.device_id, "the record"):
+        rec = CalibrationRecord(
+            device_id=info.device_id, firmware_version=info.firmware_version,
+            profile=getattr(prof, "name", None), method=METHOD, method_version=METHOD_VERSION,
+            hwloop_version=str(hv), arch=arch, input_shape=tuple(spec.input_shape),
+            t_max0=float(spec.t_max0), time_steps_per_layer=K, weight_bits=int(info.weight_bits),
+            probe_widths=[float(w) for w in opts.widths], repeats=R, levels=L,
+            layers=[layers[i] for i in sorted(layers)], jitter_sd=jitter, jitter_sd_se=jitter_se,
+            jitter_method=("repeat variance" if not K else
+                           "repeat variance of ceil-registered times, inverted (uniform phase)"),
+            device_runs=pr.count.runs, samples=pr.count.samples, programs=pr.count.programs,
+            writes=pr.count.writes, wall_time_s=round(time.time() - t0, 3),
+            chip_seed=chip_seed if chip_seed is not None else getattr(device, "chip_seed", None))
     return rec
 
 
@@ -469,8 +522,28 @@ def _probe_synapses(pr: Prober, spec: NetworkSpec, n: int, prev: list[int],
                         "were set to the row mean")
         row = Kmat[:, ~inactive].mean(1, keepdim=True)
         Kmat = torch.where(inactive[None, :], row.expand_as(Kmat), Kmat)
-    lc.synapse_gain = Array.from_tensor(Kmat.reshape(layer.weight_shape))
-    lc.synapse_gain_se = se
+    # estimates a record refuses (docs/calibration.md) are failed fits: a synapse outside its
+    # range gets its row's mean over the others, a row whose mean is outside the per-neuron
+    # range (or has no usable synapse) the layer's median row gain
+    m = SE_MARGIN * se if math.isfinite(se) else 0.0
+    out = ~((Kmat >= SYNAPSE_RANGE[0] - m) & (Kmat <= SYNAPSE_RANGE[1] + m))
+    if bool(out.any()):
+        keep = (~out).to(F64)
+        row = (Kmat.nan_to_num(0.0) * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True)
+        Kmat = torch.where(out, row.expand_as(Kmat), Kmat)
+        lc.notes.append(f"{int(out.sum())} synapse gains outside [{SYNAPSE_RANGE[0]:g}, "
+                        f"{SYNAPSE_RANGE[1]:g}] (+- {m:.3g}) in rows {_ids(out.any(1))}: set to their "
+                        "row mean over the others")
+    rows = Kmat.mean(1)
+    badrow = ~((rows >= FACTOR_RANGE[0]) & (rows <= FACTOR_RANGE[1]))
+    if bool(badrow.any()):
+        fill = {"gain": rows.clone()}
+        lc.notes.append(_to_median(fill, badrow, "synapse-gain", f"layer {n} ({layer.kind})"))
+        Kmat[badrow] = fill["gain"][badrow][:, None]
+    with _fitted(pr.info.device_id, f"layer {n} ({layer.kind}), synapse probes",
+                 prefix=("synapse_gain",)):
+        lc.synapse_gain = Array.from_tensor(Kmat.reshape(layer.weight_shape))
+    lc.synapse_gain_se = se if math.isfinite(se) else None  # None: not resolved
     lc.gain = Kmat.mean(1).tolist()
     lc.residual_rms["synapse"] = sig
 

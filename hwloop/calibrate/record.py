@@ -16,14 +16,37 @@ content (``content_hash``) that :func:`load_record` verifies.
 
 Per-synapse arrays are stored compactly as base64 little-endian float32 (``Array``); per-neuron
 arrays as JSON lists.
+
+**Validation.** The pydantic models check every value and shape when a record is built or
+loaded, and :func:`load_record`, :func:`save_record`, :func:`check_record_matches` and
+:meth:`~hwloop.calibrate.compensate.Compensation.from_record` raise :class:`CalibrationError`
+naming the file (or the device, for a record in memory), the field as a dotted path
+(``layers.0.slope``: ``layers[0]``, network layer 1) and the neuron (flat index) or synapse.
+Allowed values (closed ranges; docs/calibration.md, "What a record must satisfy"):
+
+* every float finite (no NaN / Infinity); counts, shapes and residuals >= 0;
+* per neuron, one value per neuron (``prod(out_shape)``; ``gain``: ``weight_shape[0]``):
+  ``slope`` s_i, ``gain`` k_i and ``offset_gain`` q_k in ``FACTOR_RANGE`` = [0.2, 5] (ideal 1;
+  a factor of 5 either way is far beyond fabrication mismatch and is a failed fit or a broken
+  circuit, which the linear model cannot compensate); ``threshold_offset`` o_i in
+  ``OFFSET_RANGE`` = [-1, 1] (beyond, the comparator crosses at t_min or never for thresholds
+  inside the window); ``delay`` d_i in [-W, W], W the widest probe window (a larger delay puts
+  every probe spike outside the window, so it cannot have been measured);
+* ``synapse_gain``: shape ``weight_shape``, base64 of exactly ``4 prod(shape)`` bytes, every
+  k_ij (rho_kj) in [0 - 4 SE, 5 + 4 SE] (SE = ``synapse_gain_se``: a dead synapse, 0, measured
+  with noise); compensation clamps per-synapse gains to [0.2, 5];
+* dense / conv2d layers carry slope, delay and threshold_offset; ``probe_widths`` has >= 2
+  widths > 0; ``t_max0`` > 0; layer indices are distinct.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -31,43 +54,124 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from hwloop.errors import CalibrationError
 
-__all__ = ["Array", "CalibrationRecord", "LayerCalibration", "FORMAT", "check_record_matches",
-           "content_hash", "load_record", "save_record"]
+__all__ = ["Array", "CalibrationRecord", "LayerCalibration", "FORMAT", "FACTOR_RANGE",
+           "OFFSET_RANGE", "SYNAPSE_RANGE", "check_record_matches", "content_hash", "describe_validation_error",
+           "load_record", "save_record", "validate_record"]
 
 FORMAT = "hwloop-calibration/1"
 
+#: allowed range of the per-neuron factors slope s_i, gain k_i, offset gain q_k (ideal 1)
+FACTOR_RANGE = (0.2, 5.0)
+#: allowed range of the threshold offset o_i (fraction of the base threshold = window width)
+OFFSET_RANGE = (-1.0, 1.0)
+#: allowed range of one per-synapse gain, widened by SE_MARGIN standard errors of the estimate
+SYNAPSE_RANGE = (0.0, 5.0)
+SE_MARGIN = 4.0
+LAYER_KINDS = ("dense", "conv2d", "readout")
+#: the per-neuron fields, what they are (for messages) and their allowed range (delay: the
+#: record-level bound, the widest probe window)
+PER_NEURON: dict[str, tuple[str, tuple[float, float]]] = {
+    "slope": ("slope s_i = 1/B_i, tau_c per potential unit, ideal 1", FACTOR_RANGE),
+    "delay": ("delay d_i, tau_c", (-math.inf, math.inf)),
+    "threshold_offset": ("threshold offset o_i, fraction of the window width, ideal 0",
+                         OFFSET_RANGE),
+    "offset_gain": ("readout offset gain q_k, ideal 1", FACTOR_RANGE),
+    "gain": ("input gain k_i (row mean of the synapse gains), ideal 1", FACTOR_RANGE),
+}
+
+
+def _fail(field: str, detail: str) -> PydanticCustomError:
+    """A validation error whose ``ctx["field"]`` (dotted, relative to the validated model)
+    completes pydantic's location in :func:`describe_validation_error`."""
+    return PydanticCustomError("calibration_value", "{detail}", {"detail": detail, "field": field})
+
+
+def _rng(lo: float, hi: float) -> str:
+    return f"[{lo:.6g}, {hi:.6g}]"
+
+
+def _first_outside(a: np.ndarray, lo: float, hi: float) -> Optional[tuple[int, int]]:
+    """(flat index of the first value outside [lo, hi] or not finite, how many), or None."""
+    bad = np.flatnonzero(~(np.isfinite(a) & (a >= lo) & (a <= hi)))
+    return None if bad.size == 0 else (int(bad[0]), int(bad.size))
+
+
+def _more(n: int) -> str:
+    return f" (and {n - 1} more)" if n > 1 else ""
+
 
 class Array(BaseModel):
-    """A float array stored as base64 of little-endian float32 (per-synapse data)."""
+    """A float array stored as base64 of little-endian float32 (per-synapse data).
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Validated: ``shape`` non-negative, ``b64`` strict base64 of exactly ``4 prod(shape)`` bytes,
+    every value finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, revalidate_instances="always")
 
     shape: tuple[int, ...]
     b64: str
+    #: the decoded bytes (validated), so that the array is decoded once
+    _raw: Optional[bytes] = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _decode(self) -> "Array":
+        if any(s < 0 for s in self.shape):
+            raise _fail("shape", f"shape {tuple(self.shape)} has a negative size")
+        n = int(np.prod(self.shape, dtype=np.int64))
+        try:
+            raw = base64.b64decode(self.b64.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError) as exc:
+            raise _fail("b64", f"not valid base64 ({exc}) for shape {tuple(self.shape)} "
+                               f"({n} float32 values): the array was truncated or edited") from None
+        if len(raw) != 4 * n:
+            raise _fail("b64", f"holds {len(raw)} bytes ({len(raw) / 4:g} float32 values), shape "
+                               f"{tuple(self.shape)} needs {4 * n} bytes ({n} values): the array was "
+                               "truncated or edited")
+        a = np.frombuffer(raw, dtype="<f4")
+        bad = _first_outside(a, -math.inf, math.inf)
+        if bad is not None:
+            j, cnt = bad
+            raise _fail("b64", f"element {self._where(j)} is {float(a[j])!r}{_more(cnt)}; values "
+                               "must be finite numbers")
+        self._raw = raw
+        return self
+
+    def _where(self, flat: int) -> tuple[int, ...]:
+        return tuple(int(i) for i in np.unravel_index(flat, self.shape)) if self.shape else ()
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "Array":
         a = np.ascontiguousarray(t.detach().cpu().to(torch.float32).numpy(), dtype="<f4")
         return cls(shape=tuple(int(s) for s in a.shape), b64=base64.b64encode(a.tobytes()).decode())
 
+    def numpy(self) -> np.ndarray:
+        """The values, flat, float32 (read-only view of the decoded buffer)."""
+        if self._raw is None:  # pragma: no cover - set by the validator
+            self._raw = base64.b64decode(self.b64.encode())
+        return np.frombuffer(self._raw, dtype="<f4")
+
     def tensor(self) -> torch.Tensor:
-        raw = base64.b64decode(self.b64.encode())
-        a = np.frombuffer(raw, dtype="<f4")
-        if a.size != int(np.prod(self.shape, dtype=np.int64)):
+        a = self.numpy()
+        if a.size != int(np.prod(self.shape, dtype=np.int64)):  # pragma: no cover - validated
             raise CalibrationError(f"calibration array of shape {self.shape} holds {a.size} values")
         return torch.from_numpy(a.copy()).reshape(self.shape).to(torch.float64)
 
 
 class LayerCalibration(BaseModel):
-    """Identified parameters of one neuron or readout layer (index into NetworkSpec.layers)."""
+    """Identified parameters of one neuron or readout layer (index into NetworkSpec.layers).
 
-    model_config = ConfigDict(extra="forbid")
+    Validated (module docstring): lengths against ``out_shape`` / ``weight_shape``, values
+    finite and inside their allowed ranges, the fields a kind needs present."""
 
-    index: int
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, revalidate_instances="always")
+
+    index: int = Field(ge=0)
     kind: str
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -91,6 +195,85 @@ class LayerCalibration(BaseModel):
     residual_rms: dict[str, float] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
 
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in LAYER_KINDS:
+            raise ValueError(f"{v!r} is not a calibrated layer kind {LAYER_KINDS}")
+        return v
+
+    @field_validator("in_shape", "out_shape", "weight_shape")
+    @classmethod
+    def _shape(cls, v: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        if any(s < 0 for s in v) or (info.field_name == "out_shape" and (not v or 0 in v)):
+            raise ValueError(f"{tuple(v)} is not a valid shape")
+        return v
+
+    @field_validator("slope", "delay", "threshold_offset", "offset_gain", "gain")
+    @classmethod
+    def _per_neuron(cls, v: Optional[list[float]], info: ValidationInfo) -> Optional[list[float]]:
+        if v is None:
+            return v
+        name = info.field_name
+        if name == "gain":
+            shape = info.data.get("weight_shape")
+            if not shape:
+                return v  # weight_shape itself is reported
+            n, what = int(shape[0]), f"one per weight row, weight_shape {tuple(shape)}"
+        else:
+            shape = info.data.get("out_shape")
+            if shape is None:
+                return v
+            n, what = int(np.prod(shape, dtype=np.int64)), f"one per neuron, out_shape {tuple(shape)}"
+        if len(v) != n:
+            raise ValueError(f"expected {n} values ({what}), got {len(v)}")
+        descr, (lo, hi) = PER_NEURON[name]
+        bad = _first_outside(np.asarray(v, dtype=np.float64), lo, hi)
+        if bad is not None:
+            j, cnt = bad
+            raise ValueError(f"neuron {j}{_more(cnt)}: {v[j]!r} is outside the allowed range "
+                             f"{_rng(lo, hi)} ({descr})")
+        return v
+
+    @field_validator("synapse_gain_se")
+    @classmethod
+    def _se(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and v < 0:
+            raise ValueError(f"{v!r} is negative (a standard error)")
+        return v
+
+    @field_validator("residual_rms")
+    @classmethod
+    def _rms(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, x in v.items():
+            if x < 0:
+                raise _fail(k, f"{x!r} is negative (an RMS residual)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LayerCalibration":
+        if self.kind in ("dense", "conv2d"):
+            missing = [n for n in ("slope", "delay", "threshold_offset") if getattr(self, n) is None]
+            if missing:
+                raise _fail(missing[0], f"required for a {self.kind} layer (slope, delay and "
+                                        f"threshold_offset), missing: {', '.join(missing)}")
+        if self.synapse_gain is not None:
+            sg = self.synapse_gain
+            if tuple(sg.shape) != tuple(self.weight_shape):
+                raise _fail("synapse_gain.shape", f"shape {tuple(sg.shape)} is not the layer's "
+                                                  f"weight_shape {tuple(self.weight_shape)}")
+            m = SE_MARGIN * (self.synapse_gain_se or 0.0)
+            lo, hi = SYNAPSE_RANGE[0] - m, SYNAPSE_RANGE[1] + m
+            bad = _first_outside(sg.numpy(), lo, hi)
+            if bad is not None:
+                j, cnt = bad
+                raise _fail("synapse_gain", f"synapse {sg._where(j)}{_more(cnt)}: "
+                                            f"{float(sg.numpy()[j]):.6g} is outside the allowed "
+                                            f"range {_rng(lo, hi)} (per-synapse gain, ideal 1: "
+                                            f"{_rng(*SYNAPSE_RANGE)} widened by {SE_MARGIN:g} x "
+                                            f"synapse_gain_se = {m:.3g})")
+        return self
+
     def vec(self, name: str) -> Optional[torch.Tensor]:
         """A per-neuron field as a float64 tensor of ``out_shape`` (None if absent)."""
         v = getattr(self, name)
@@ -100,9 +283,9 @@ class LayerCalibration(BaseModel):
 
 
 class CalibrationRecord(BaseModel):
-    """One chip's calibration (see the module docstring)."""
+    """One chip's calibration (see the module docstring; validated as described there)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     format: str = FORMAT
     device_id: str
@@ -135,12 +318,79 @@ class CalibrationRecord(BaseModel):
     chip_seed: Optional[int] = None
     notes: list[str] = Field(default_factory=list)
     content_hash: str = ""
+    #: the file it was loaded from (not part of the content), for messages
+    _source: Optional[str] = PrivateAttr(default=None)
+
+    @field_validator("input_shape")
+    @classmethod
+    def _input_shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(s <= 0 for s in v):
+            raise ValueError(f"{tuple(v)} is not a valid input shape")
+        return v
+
+    @field_validator("t_max0")
+    @classmethod
+    def _t_max0(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"{v!r} must be > 0 (tau_c)")
+        return v
+
+    @field_validator("probe_widths")
+    @classmethod
+    def _widths(cls, v: list[float]) -> list[float]:
+        if len(v) < 2:
+            raise ValueError(f"{v!r}: the threshold sweep needs at least two window widths")
+        for j, w in enumerate(v):
+            if w <= 0:
+                raise _fail(str(j), f"{w!r} must be > 0 (tau_c)")
+        return v
+
+    @field_validator("time_steps_per_layer")
+    @classmethod
+    def _steps(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError(f"{v!r} must be >= 1 (or null: continuous time)")
+        return v
+
+    @field_validator("repeats", "levels", "device_runs", "samples", "programs", "writes",
+                     "weight_bits", "jitter_sd", "jitter_sd_se", "wall_time_s")
+    @classmethod
+    def _non_negative(cls, v):
+        if v is not None and v < 0:
+            raise ValueError(f"{v!r} must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _record(self) -> "CalibrationRecord":
+        seen: dict[int, int] = {}
+        for k, lc in enumerate(self.layers):
+            if lc.index in seen:
+                raise _fail(f"layers.{k}.index", f"network layer {lc.index} appears twice "
+                                                 f"(layers.{seen[lc.index]} and layers.{k})")
+            seen[lc.index] = k
+        wmax = max(self.probe_widths)
+        for k, lc in enumerate(self.layers):
+            if lc.delay is None:
+                continue
+            bad = _first_outside(np.asarray(lc.delay, dtype=np.float64), -wmax, wmax)
+            if bad is not None:
+                j, cnt = bad
+                raise _fail(f"layers.{k}.delay",
+                            f"neuron {j}{_more(cnt)}: {lc.delay[j]!r} is outside the allowed range "
+                            f"{_rng(-wmax, wmax)} ({PER_NEURON['delay'][0]}; at most the widest "
+                            "probe window, probe_widths)")
+        return self
+
+    @property
+    def source(self) -> Optional[str]:
+        """The file the record was loaded from (None: built in memory)."""
+        return self._source
 
     def layer(self, index: int) -> LayerCalibration:
         for lc in self.layers:
             if lc.index == index:
                 return lc
-        raise CalibrationError(f"calibration record of {self.device_id} has no layer {index}")
+        raise CalibrationError(f"{_name(self)} has no layer {index}")
 
     def summary(self) -> dict[str, Any]:
         """A short dict for printing (no arrays)."""
@@ -160,6 +410,71 @@ class CalibrationRecord(BaseModel):
         return out
 
 
+def _name(rec: CalibrationRecord) -> str:
+    """How messages name a record: its file, else its device."""
+    if rec.source:
+        return f"calibration record {rec.source} (device {rec.device_id})"
+    return f"calibration record of {rec.device_id} (in memory)"
+
+
+def _layer_label(data: Any, k: int) -> str:
+    try:
+        lc = data["layers"][k] if isinstance(data, dict) else data.layers[k]
+        index = lc["index"] if isinstance(lc, dict) else lc.index
+        kind = lc["kind"] if isinstance(lc, dict) else lc.kind
+        return f"network layer {int(index)}, {kind}"
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return f"layers[{k}]"
+
+
+def describe_validation_error(exc: ValidationError, data: Any = None, prefix: tuple = ()) -> str:
+    """A one-line description of a pydantic error: dotted field path (``layers.0.slope``), the
+    network layer and neuron where the path has them, the message; and how many more."""
+    errs = exc.errors(include_url=False)
+    out = []
+    for err in errs[:1]:
+        loc = tuple(prefix) + tuple(err["loc"])
+        extra = (err.get("ctx") or {}).get("field")
+        if extra:
+            loc = loc + tuple(int(p) if p.isdigit() else p for p in str(extra).split("."))
+        path = ".".join(map(str, loc)) or "record"
+        where = ""
+        if len(loc) >= 2 and loc[0] == "layers" and isinstance(loc[1], int):
+            label = _layer_label(data, loc[1])
+            if len(loc) >= 4 and loc[2] in PER_NEURON and isinstance(loc[3], int):
+                label += f", neuron {loc[3]}"
+            where = f" ({label})"
+        msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        elif err["type"] == "finite_number":
+            msg = f"{err.get('input')!r} is not allowed: values must be finite numbers"
+        elif "input" in err and not isinstance(err["input"], (dict, list, BaseModel)):
+            msg = f"{msg} (got {err['input']!r})"
+        out.append(f"{path}{where}: {msg}")
+    more = f" (and {len(errs) - 1} more problems)" if len(errs) > 1 else ""
+    return "; ".join(out) + more
+
+
+def validate_record(rec: CalibrationRecord) -> CalibrationRecord:
+    """Validate ``rec`` again as it is now (an in-memory record may have been edited after it
+    was built). Returns the validated copy.
+
+    Raises:
+        CalibrationError: naming the record's file (or device), the field and the allowed range.
+    """
+    if not isinstance(rec, CalibrationRecord):
+        raise CalibrationError(f"expected a CalibrationRecord, got {type(rec).__name__}")
+    data = rec.model_dump()
+    try:
+        out = CalibrationRecord.model_validate(data)
+    except ValidationError as exc:
+        raise CalibrationError(f"{_name(rec)} is invalid: {describe_validation_error(exc, data)}; recalibrate "
+                               "(hwloop calibrate) or restore the file") from None
+    out._source = rec.source
+    return out
+
+
 def content_hash(rec: CalibrationRecord) -> str:
     """sha256 of the canonical JSON of every field but ``content_hash``."""
     data = rec.model_dump(mode="json", exclude={"content_hash"})
@@ -169,9 +484,17 @@ def content_hash(rec: CalibrationRecord) -> str:
 
 def save_record(path: Union[str, os.PathLike], rec: CalibrationRecord) -> str:
     """Write ``rec`` as JSON atomically (temp file in the same folder + ``os.replace``), with
-    its content hash filled in. Returns the hash."""
-    rec.content_hash = content_hash(rec)
+    its content hash filled in. Returns the hash.
+
+    Raises:
+        CalibrationError: the record is invalid (nothing is written).
+    """
     p = Path(path)
+    try:
+        validate_record(rec)
+    except CalibrationError as exc:
+        raise CalibrationError(f"not writing {p}: {exc}") from None
+    rec.content_hash = content_hash(rec)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=str(p.parent))
     try:
@@ -197,8 +520,10 @@ def load_record(path: Union[str, os.PathLike]) -> CalibrationRecord:
     """Read a record and verify its format and content hash.
 
     Raises:
-        CalibrationError: missing file, not JSON, invalid fields, unknown format, or a content
-            hash that does not match (the file was edited or truncated).
+        CalibrationError: missing file, not JSON, unknown format, a value or shape that is not
+            allowed (NaN, Infinity, out of range, wrong length, truncated base64; the message
+            names the file, the field and the allowed range), or a content hash that does not
+            match (the file was edited or truncated).
     """
     p = Path(path)
     try:
@@ -215,9 +540,9 @@ def load_record(path: Union[str, os.PathLike]) -> CalibrationRecord:
     try:
         rec = CalibrationRecord.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise CalibrationError(f"calibration record {p} is invalid: "
-                               f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise CalibrationError(f"calibration record {p} is invalid: {describe_validation_error(exc, data)}; "
+                               "recalibrate (hwloop calibrate) or restore the file") from None
+    rec._source = str(p)
     want = content_hash(rec)
     if rec.content_hash != want:
         raise CalibrationError(f"calibration record {p}: content hash mismatch (stored "
@@ -227,26 +552,30 @@ def load_record(path: Union[str, os.PathLike]) -> CalibrationRecord:
 
 
 def check_record_matches(rec: CalibrationRecord, device_id: str, spec) -> None:
-    """Raise :class:`CalibrationError` unless ``rec`` was measured on ``device_id`` for the layer
-    kinds and shapes of ``spec`` (a :class:`~hwloop.devices.base.NetworkSpec`)."""
+    """Raise :class:`CalibrationError` unless ``rec`` is valid (values and shapes, again: it may
+    have been edited in memory) and was measured on ``device_id`` for the layer kinds and shapes
+    of ``spec`` (a :class:`~hwloop.devices.base.NetworkSpec`). Messages name the record's file."""
+    validate_record(rec)
+    name = _name(rec)
     if rec.device_id != device_id:
-        raise CalibrationError(f"calibration record is for device {rec.device_id!r}, but the device "
+        raise CalibrationError(f"{name} is for device {rec.device_id!r}, but the device "
                                f"is {device_id!r}: calibrate this chip (hwloop calibrate --device ...)")
     if tuple(rec.input_shape) != tuple(spec.input_shape):
-        raise CalibrationError(f"calibration record of {rec.device_id} has input shape "
+        raise CalibrationError(f"{name} has input shape "
                                f"{tuple(rec.input_shape)}, the network {tuple(spec.input_shape)}")
     want = {i: l for i, l in enumerate(spec.layers) if l.kind in ("dense", "conv2d", "readout")}
     have = {lc.index: lc for lc in rec.layers}
     if set(want) != set(have):
-        raise CalibrationError(f"calibration record of {rec.device_id} covers layers {sorted(have)}, "
+        raise CalibrationError(f"{name} covers layers {sorted(have)}, "
                                f"the network has neuron/readout layers {sorted(want)}: recalibrate for "
                                "this topology")
     for i, l in want.items():
         lc = have[i]
         if (lc.kind != l.kind or tuple(lc.out_shape) != tuple(l.out_shape)
                 or tuple(lc.weight_shape) != tuple(l.weight_shape)):
+            k = rec.layers.index(lc)
             raise CalibrationError(
-                f"calibration record of {rec.device_id}, layer {i}: measured {lc.kind} "
+                f"{name}, layer {i}: measured {lc.kind} "
                 f"out {tuple(lc.out_shape)} weights {tuple(lc.weight_shape)}, the network has "
-                f"{l.kind} out {tuple(l.out_shape)} weights {tuple(l.weight_shape)}: recalibrate "
-                "for this topology")
+                f"{l.kind} out {tuple(l.out_shape)} weights {tuple(l.weight_shape)} "
+                f"(layers.{k}.kind/out_shape/weight_shape): recalibrate for this topology")

@@ -83,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
                            if k not in ("index", "kind", "neurons", "residual_rms"))
         print(f"  layer {row['index']} {row['kind']} ({row['neurons']}): {fields}; "
               f"residual RMS {row['residual_rms']}")
+    for lc in rec.layers:  # e.g. neurons whose fit failed and were set to the layer median
+        for note in lc.notes:
+            print(f"  note, layer {lc.index}: {note}")
+    for note in rec.notes:
+        print(f"  note: {note}")
     print(f"record: {out} (sha256 {h[:16]}...)")
     if args.json:
         print(json.dumps(s, indent=2, default=float))
