@@ -7,6 +7,10 @@
   float shadow weights, write, verify).
 * :func:`dequantized_network`: the network the host believes is on the chip (weights = codes x
   scale).
+* :func:`layer_thresholds`: the one rule for what a layer's thresholds are: computed with the
+  weights codes x scale that are (to be) written, never with float weights that are not on the
+  chip (a conv input shift's contribution depends on the weights). Used by
+  :func:`program_network` and by :meth:`hwloop.train.hil.HILTrainer.write_back`.
 * :func:`latency_windows` / :func:`apply_windows`: Methods (ii)/(iv): shrink every window to hold
   a percentile of the ReLU activations on training data, laid end to end.
 
@@ -31,9 +35,9 @@ from hwloop.ttfs.layers import Flatten, NeuronLayer, Readout, SpikingConv2d, Spi
 from hwloop.ttfs.network import TTFSNetwork
 
 __all__ = [
-    "ProgramState", "apply_windows", "dequantized_network", "latency_windows", "network_thresholds",
-    "network_to_spec",
-    "program_network", "quantize_network", "write_network_thresholds", "write_network_weights",
+    "ProgramState", "apply_windows", "dequantized_network", "latency_windows", "layer_thresholds",
+    "network_thresholds", "network_to_spec", "program_network", "quantize_network",
+    "write_network_thresholds", "write_network_weights",
 ]
 
 
@@ -110,25 +114,67 @@ def _resolve_bits(device: TTFSDevice, weight_bits: Optional[int]) -> Optional[in
 def quantize_network(net: TTFSNetwork, weight_bits: Optional[int],
                      clip_percentile: Optional[float] = None) -> dict[int, tuple[torch.Tensor, float]]:
     """``{layer_index: (codes, scale)}`` for every weight layer (float64 weights and scale 1.0
-    when ``weight_bits`` is None)."""
+    when ``weight_bits`` is None). Warns (UserWarning naming the layer index) for a layer that
+    loses most of its signal to quantisation (:func:`hwloop.quant.quantize_weights`)."""
     out = {}
     for i in _weight_layers(net):
         w = net.layers[i].weight.detach()
         if weight_bits is None:
             out[i] = (w.to(torch.float64).clone(), 1.0)
         else:
-            out[i] = quantize_weights(w, weight_bits, clip_percentile)
+            out[i] = quantize_weights(w, weight_bits, clip_percentile, layer=i)
     return out
 
 
-def network_thresholds(net: TTFSNetwork) -> dict[int, torch.Tensor]:
-    """theta per neuron of every neuron layer, and the readout's offsets (its bias)."""
+@torch.no_grad()
+def layer_thresholds(net: TTFSNetwork, i: int, codes: torch.Tensor, scale: float) -> torch.Tensor:
+    """What a device is programmed with for weight layer ``i`` of ``net``, given the weights
+    ``codes * scale`` that are (to be) written to it.
+
+    theta per neuron (``(out_features,)`` dense, ``(out_ch, H_out, W_out)`` conv2d) for a neuron
+    layer, the readout's offsets (its bias, ``(n_classes,)``) for the readout; float64, tau_c.
+    Everything but the weights (D, base thresholds, a conv ``in_shift``) comes from ``net``.
+    The weights matter for a conv layer with an input shift, whose contribution
+    ``conv(in_shift, W)`` is moved into the thresholds: it is computed with ``codes * scale``
+    (cast to the layer's dtype, as :func:`dequantized_network` does), i.e. with what is on the
+    chip, so that the chip computes the host's nominal network exactly. With float weights
+    pass the float64 weights as ``codes`` and scale 1.0.
+
+    Raises:
+        TypeError: layer ``i`` has no weights (max pool, flatten).
+        ValueError: ``codes`` does not have the layer's weight shape.
+    """
+    layer = net.layers[i]
+    if isinstance(layer, Readout):
+        return layer.bias.detach().to(torch.float64).clone()
+    if not isinstance(layer, NeuronLayer):
+        raise TypeError(f"layer {i}: {type(layer).__name__} has no weights and no thresholds")
+    if tuple(codes.shape) != tuple(layer.weight.shape):
+        raise ValueError(f"layer {i}: codes must have the weight shape {tuple(layer.weight.shape)}, "
+                         f"got {tuple(codes.shape)}")
+    in_shape = tuple(net.shapes[i])
+    if getattr(layer, "in_shift", None) is None:  # thresholds do not depend on the weights
+        return layer.neuron_thresholds(in_shape).to(torch.float64)
+    probe = copy.deepcopy(layer)
+    probe.weight.copy_((codes.detach().to(torch.float64) * float(scale)).to(probe.weight.dtype))
+    return probe.neuron_thresholds(in_shape).to(torch.float64)
+
+
+def network_thresholds(net: TTFSNetwork,
+                       weights: Optional[dict[int, tuple[torch.Tensor, float]]] = None) -> dict[int, torch.Tensor]:
+    """theta per neuron of every neuron layer, and the readout's offsets (its bias).
+
+    ``weights`` (``{layer: (codes, scale)}``, e.g. :attr:`ProgramState.weights`): compute them
+    with the written weights (:func:`layer_thresholds`); None: with ``net``'s own weights."""
     out = {}
     for i, layer in enumerate(net.layers):
-        if isinstance(layer, NeuronLayer):
-            out[i] = layer.neuron_thresholds(tuple(net.shapes[i])).to(torch.float64)
-        elif isinstance(layer, Readout):
-            out[i] = layer.bias.detach().to(torch.float64).clone()
+        if not isinstance(layer, (NeuronLayer, Readout)):
+            continue
+        if weights is None:
+            out[i] = (layer.bias.detach().to(torch.float64).clone() if isinstance(layer, Readout)
+                      else layer.neuron_thresholds(tuple(net.shapes[i])).to(torch.float64))
+        else:
+            out[i] = layer_thresholds(net, i, *weights[i])
     return out
 
 
@@ -157,15 +203,20 @@ def write_network_weights(device: TTFSDevice, net: TTFSNetwork, weight_bits: Opt
     return written
 
 
-def write_network_thresholds(device: TTFSDevice, net: TTFSNetwork,
-                             verify: bool = True) -> dict[int, torch.Tensor]:
+def write_network_thresholds(device: TTFSDevice, net: TTFSNetwork, verify: bool = True,
+                             weights: Optional[dict[int, tuple[torch.Tensor, float]]] = None
+                             ) -> dict[int, torch.Tensor]:
     """Write theta of every neuron layer and the readout offsets; read back and verify.
 
-    Pass the *dequantized* network (:func:`dequantized_network`) when weights are quantised: a
-    conv input shift's contribution to the thresholds then uses the written weights. After
+    Pass the written ``weights`` (``{layer: (codes, scale)}``) when weights are quantised: a
+    conv input shift's contribution to the thresholds then uses them (:func:`layer_thresholds`);
+    None uses ``net``'s own weights (right for float weights or the dequantised network). After
     :meth:`~hwloop.devices.base.TTFSDevice.set_windows` the base thresholds change with the
-    widths (B1: base = width), so write the thresholds again."""
-    written = network_thresholds(net)
+    widths (B1: base = width), so write the thresholds again.
+
+    Raises:
+        WriteVerifyError: read-back differs (names the layers)."""
+    written = network_thresholds(net, weights)
     for i, v in written.items():
         device.write_thresholds(i, v)
     if verify:
@@ -199,8 +250,7 @@ def program_network(device: TTFSDevice, net: TTFSNetwork, weight_bits: Optional[
     weights = write_network_weights(device, net, bits, clip_percentile, verify)
     # thresholds of the network the host believes is on the chip: a conv input shift's
     # contribution (moved into the thresholds) is computed with the written weights
-    nominal = net if bits is None else dequantized_network(net, ProgramState(spec, weights))
-    thresholds = write_network_thresholds(device, nominal, verify)
+    thresholds = write_network_thresholds(device, net, verify, weights=weights)
     clip = None
     if bits is not None:
         clip = default_clip_percentile(bits) if clip_percentile is None else float(clip_percentile)

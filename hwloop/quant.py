@@ -1,9 +1,10 @@
 """Weight and time quantisation (paper, Methods (ii)-(iv)).
 
 Weights (Methods (iii)): outliers are removed by percentiles on both sides of the distribution
-(1st/99th for >= 5 bits, 4th/96th for 4 bits), the remaining range is divided into uniform steps
-with zero exactly representable, and the steps are mapped to signed integer codes on
-[-2^(q-1), 2^(q-1) - 1]. The device holds ``codes`` and one float ``scale`` per layer;
+of the non-zero weights (1st/99th for >= 5 bits, 4th/96th for 4 bits; zeros are left out, so a
+sparse layer keeps its range instead of collapsing to all-zero codes), the remaining range is
+divided into uniform steps with zero exactly representable, and the steps are mapped to signed
+integer codes on [-2^(q-1), 2^(q-1) - 1]. The device holds ``codes`` and one float ``scale`` per layer;
 W = codes * scale.
 
 Times (Methods (ii), (iv)): a layer window [t_min, t_max) is split into K steps of width
@@ -23,6 +24,7 @@ activation below dt goes silent.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -30,7 +32,7 @@ import torch
 from hwloop.devices.profile import default_clip_percentile
 
 __all__ = ["code_range", "dequantize", "fired_indicator", "quantize_times", "quantize_weights",
-           "silence_", "silence_where_", "time_grid"]
+           "signal_loss", "silence_", "silence_where_", "time_grid"]
 
 #: Tolerance, in steps, below which a time counts as lying on a tick (float rounding).
 TICK_TOL = 1e-9
@@ -58,22 +60,43 @@ def _quantiles(v: torch.Tensor, qs: list[float]) -> list[float]:
     return out
 
 
-def quantize_weights(w: torch.Tensor, bits: int,
-                     clip_percentile: Optional[float] = None) -> tuple[torch.Tensor, float]:
+#: A quantised layer warns when more than this fraction of its weight mass (sum of |w|) lies in
+#: non-zero weights that round to code 0: it has lost most of its signal.
+SIGNAL_LOSS_WARN = 0.5
+
+
+def quantize_weights(w: torch.Tensor, bits: int, clip_percentile: Optional[float] = None,
+                     layer: Optional[int] = None) -> tuple[torch.Tensor, float]:
     """Quantise a weight tensor to signed integer codes and one scale (Methods (iii)).
 
     Args:
-        w: weights of one layer (any shape).
+        w: weights of one layer (any shape, finite).
         bits: q, the signed code width; codes lie in [-2^(q-1), 2^(q-1) - 1].
-        clip_percentile: p in [0, 50): the p-th and (100 - p)-th percentiles of ``w`` bound the
-            represented range (weights beyond are clipped). ``None``: 1 for q >= 5, 4 for
-            q <= 4. 0: the full range (max |w|).
+        clip_percentile: p in [0, 50): the p-th and (100 - p)-th percentiles of the **non-zero**
+            weights of ``w`` bound the represented range (weights beyond are clipped). Zeros are
+            left out because zero is exactly representable anyway: counted in, they pull both
+            percentiles to 0 in a layer with fewer than about 2p % non-zero weights, which then
+            quantised to all zeros. ``None``: 1 for q >= 5, 4 for q <= 4. 0: the full range
+            (max |w|).
+        layer: the layer's index, used only to name it in warnings.
 
     Returns:
-        ``(codes, scale)``: int64 codes of ``w``'s shape and the float step ``scale`` such that
-        ``codes * scale`` approximates ``w``. The scale is the smallest step for which the
-        clipped range [lo, hi] fits the code range (lo / scale >= -2^(q-1), hi / scale <=
-        2^(q-1) - 1); zero is exactly representable. An all-zero layer gets scale 1.
+        ``(codes, scale)``: int64 codes of ``w``'s shape and the float step ``scale`` (> 0,
+        finite) such that ``codes * scale`` approximates ``w``. The scale is the smallest step
+        for which the clipped range [lo, hi] fits the code range (lo / scale >= -2^(q-1),
+        hi / scale <= 2^(q-1) - 1); zero is exactly representable. A layer with a non-zero
+        weight never gets all-zero codes from the percentiles; an all-zero (or empty) layer
+        gets codes 0 and scale 1.
+
+    Warns:
+        UserWarning naming ``layer`` when the layer loses most of its signal: more than
+        :data:`SIGNAL_LOSS_WARN` of its weight mass (sum of |w|) is in non-zero weights that
+        round to code 0 (e.g. a few huge outliers with ``clip_percentile=0``). Clipping at the
+        percentiles is by design and does not warn.
+
+    Raises:
+        ValueError: ``bits`` outside [2, 62], ``clip_percentile`` outside [0, 50), or
+            non-finite weights.
     """
     lo_code, hi_code = code_range(bits)
     p = default_clip_percentile(int(bits)) if clip_percentile is None else float(clip_percentile)
@@ -84,16 +107,52 @@ def quantize_weights(w: torch.Tensor, bits: int,
         return torch.zeros(w.shape, dtype=torch.int64), 1.0
     if not bool(torch.isfinite(w64).all()):
         raise ValueError("weights must be finite to be quantised")
+    nz = w64[w64 != 0]
+    if nz.numel() == 0:
+        return torch.zeros(w.shape, dtype=torch.int64), 1.0
     if p > 0:
-        lo, hi = _quantiles(w64, [p / 100.0, 1.0 - p / 100.0])
+        lo, hi = _quantiles(nz, [p / 100.0, 1.0 - p / 100.0])
     else:
-        lo, hi = float(w64.min()), float(w64.max())
+        lo, hi = float(nz.min()), float(nz.max())
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = max(-lo / -lo_code, hi / hi_code)
-    if not scale > 0:
-        return torch.zeros(w.shape, dtype=torch.int64), 1.0
+    if not scale > 0:  # underflow (denormal weights): the full range, never a zero step
+        scale = max(float(nz.abs().max()) / hi_code, math.ldexp(1.0, -1074))
     codes = torch.round(w64 / scale).clamp(lo_code, hi_code).to(torch.int64)
+    _warn_signal_loss(w64, nz, codes, scale, bits, layer)
     return codes, float(scale)
+
+
+def signal_loss(w: torch.Tensor, codes: torch.Tensor, scale: float) -> tuple[float, float, float]:
+    """How much of layer ``w`` its quantisation ``(codes, scale)`` loses.
+
+    Returns ``(zeroed, zeroed_mass, rel_err)``: the fraction of the non-zero weights of ``w``
+    whose code is 0; the fraction of the weight mass sum |w| in those weights; and the
+    relative L2 error ``||codes * scale - w|| / ||w||`` (which includes clipping). All 0.0 for
+    an all-zero ``w``.
+    """
+    w64 = w.detach().to(torch.float64)
+    mask = w64 != 0
+    n = int(mask.sum())
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    lost = mask & (codes == 0)
+    zeroed = int(lost.sum()) / n
+    mass = float(w64.abs()[lost].sum() / w64.abs().sum())
+    rel = float((codes.to(torch.float64) * float(scale) - w64).norm() / w64.norm())
+    return zeroed, mass, rel
+
+
+def _warn_signal_loss(w64, nz, codes, scale, bits, layer) -> None:
+    zeroed, mass, rel = signal_loss(w64, codes, scale)
+    if mass > SIGNAL_LOSS_WARN:
+        name = "a layer" if layer is None else f"layer {int(layer)}"
+        warnings.warn(f"{name}: {bits}-bit quantisation loses most of its signal: "
+                      f"{100 * zeroed:.1f} % of its {nz.numel()} non-zero weights, "
+                      f"{100 * mass:.1f} % of its weight mass, round to code 0 (relative error "
+                      f"{rel:.3f}, scale {scale:.4g}, max |w| {float(nz.abs().max()):.4g}); "
+                      "outliers set the range: clip them (clip_percentile) or use more bits",
+                      UserWarning, stacklevel=3)
 
 
 def dequantize(codes: torch.Tensor, scale: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:

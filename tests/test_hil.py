@@ -188,7 +188,7 @@ def test_finetune_end_to_end_synthetic(tmp_path):
 def test_resume_refuses_another_chip_or_other_options(tmp_path):
     opts = _opts(tmp_path, ft={"epochs": 1})
     run_finetune(opts, log=lambda m: None)
-    with pytest.raises(CheckpointError, match="same chip"):
+    with pytest.raises(CheckpointError, match="chip_seed: checkpoint 3, now 4"):
         run_finetune(opts.model_copy(update={"resume": True, "chip_seed": 4}), log=lambda m: None)
     other = opts.model_copy(update={"resume": True,
                                     "finetune": opts.finetune.model_copy(update={"lr": 1e-3})})

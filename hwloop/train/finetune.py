@@ -484,6 +484,9 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
                 history.append({"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["n"], 1),
                                 "train_accuracy": sums["acc"] / max(sums["n"], 1),
                                 "spikes_per_neuron": sums["spn"] / max(sums["n"], 1)})
+                # stuck per-layer scales (Methods (iii) keeps them fixed): warn, or rescale with
+                # FinetuneConfig.rescale="auto"; the new scale is in trainer.state, checkpointed
+                history[-1]["scale_checks"] = trainer.check_scales(log=log)
                 save_checkpoint(ckpt, {"epoch": epoch + 1, "shadow": shadow.state_dict(),
                                        "optimizer": trainer.opt.state_dict(),
                                        "state": state_to_dict(trainer.state),

@@ -12,14 +12,21 @@ what the host believes is programmed on the chip (the dequantised codes and the 
 written), and is where the gradient of Eq. (3)-(4) is evaluated (quantisation-aware training,
 Methods (iii): gradient at the quantised weights, applied to the float weights, with the
 quantisation steps fixed during fine-tuning).
+
+Fixed scales can be wrong for good: a layer programmed all-zero gets scale 1 and its codes never
+leave 0; a layer programmed tiny gets a tiny scale and saturates as its float weights grow.
+:meth:`HILTrainer.check_scales`, run at epoch boundaries, finds such layers, warns
+(:class:`ScaleWarning`, naming the layer) and, with ``FinetuneConfig.rescale="auto"``,
+re-quantises them with a fresh scale (the state, which the checkpoint saves, records it).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hwloop.devices.base import DeviceRecord, TTFSDevice
 from hwloop.errors import WriteVerifyError
-from hwloop.mapping import ProgramState
+from hwloop.mapping import ProgramState, layer_thresholds
+from hwloop.quant import code_range, quantize_weights
 from hwloop.ttfs import TTFSNetwork, apply_gradients, backward_from_spike_times
 from hwloop.ttfs.layers import NeuronLayer, Readout
 
@@ -49,6 +57,26 @@ class FinetuneConfig(BaseModel):
                                                description="stop each epoch early (subset)")
     adapt_windows: bool = Field(default=True, description="Eq. (8) where the device allows it")
     write_retries: int = Field(default=2, ge=0, le=10)
+    rescale: Literal["off", "warn", "auto"] = Field(
+        default="warn",
+        description="epoch-boundary check of the fixed per-layer scales (HILTrainer.check_scales): "
+                    "'off' skips it; 'warn' warns naming each layer whose codes are stuck (all "
+                    "zero while its float weights are not, saturated, or a fresh scale off by "
+                    "more than rescale_ratio); 'auto' also re-quantises such a layer with a fresh "
+                    "scale (Methods (iii) percentiles), writes and verifies it")
+    rescale_saturation: float = Field(
+        default=0.25, gt=0.0, le=1.0,
+        description="a layer is stuck when more than this fraction of its non-zero float weights "
+                    "lie beyond the range its scale represents (clipped codes)")
+    rescale_ratio: float = Field(
+        default=4.0, gt=1.0,
+        description="a layer is stuck when a fresh quantisation of its float weights would give "
+                    "a scale more than this factor larger or smaller than the fixed one")
+
+
+class ScaleWarning(UserWarning):
+    """A layer's fixed quantisation scale cannot represent its float weights (see
+    :meth:`HILTrainer.check_scales`)."""
 
 
 @dataclass
@@ -62,14 +90,6 @@ class StepResult:
 
 def weight_layer_indices(net: TTFSNetwork) -> list[int]:
     return [i for i, l in enumerate(net.layers) if isinstance(l, (NeuronLayer, Readout))]
-
-
-def layer_thresholds(net: TTFSNetwork, i: int) -> torch.Tensor:
-    """What a device is programmed with for layer i: theta per neuron, or readout offsets."""
-    layer = net.layers[i]
-    if isinstance(layer, Readout):
-        return layer.bias.detach().to(torch.float64).clone()
-    return layer.neuron_thresholds(net.shapes[i]).to(torch.float64)
 
 
 def quantize_fixed(w: torch.Tensor, scale: float, bits: Optional[int]) -> torch.Tensor:
@@ -90,7 +110,9 @@ class HILTrainer:
             :func:`hwloop.mapping.program_network`), whose codes and scales are ``state``.
         net: the float64 B1 network (it becomes the shadow and is trained in place).
         state: what is programmed (:class:`hwloop.mapping.ProgramState`); its per-layer scales
-            stay fixed while fine-tuning (Methods (iii)). Updated in place as writes verify.
+            stay fixed while fine-tuning (Methods (iii)), except where :meth:`check_scales`
+            rescales a stuck layer (``config.rescale="auto"``). Updated in place as writes
+            verify.
         config: :class:`FinetuneConfig`.
     """
 
@@ -142,6 +164,7 @@ class HILTrainer:
         self.opt.step()
         if self.adaptive and self.shadow.adapt_windows(record.spike_times):
             self.device.set_windows(self.shadow.windows())
+            self.state.spec = self.state.spec.with_windows(self.shadow.windows())  # what is on the chip
             self.device_calls += 1
         written = self.write_back()
         acc = float((logits.detach().argmax(1) == y).to(torch.float64).mean())
@@ -166,31 +189,15 @@ class HILTrainer:
             layer = self.shadow.layers[i]
             old_codes, scale = self.state.weights[i]
             codes = quantize_fixed(layer.weight, scale, self.weight_bits)
-            theta = layer_thresholds(self.shadow, i)
+            # thresholds from what is (to be) on the chip, as program_network: a conv input
+            # shift's contribution uses codes x scale, not the float shadow weights
+            theta = layer_thresholds(self.shadow, i, codes, scale)
             w_changed = not torch.equal(codes, old_codes)
             t_changed = not torch.equal(theta, self.state.thresholds[i])
             if not (w_changed or t_changed):
                 continue
-            ok = False
-            for _ in range(self.config.write_retries + 1):
-                if w_changed:
-                    self.device.write_weights(i, codes, scale)
-                    n += 1
-                if t_changed:
-                    self.device.write_thresholds(i, theta)
-                    n += 1
-                self.device_calls += int(w_changed) + int(t_changed)
-                ok = True
-                if self.device.verifies_writes:
-                    break  # the driver checked the chip's copy itself (CRC / read-back)
-                self.device_calls += int(w_changed) + int(t_changed)
-                if w_changed:
-                    rc, rs = self.device.read_weights(i)
-                    ok &= torch.equal(rc.to(codes.dtype), codes) and float(rs) == float(scale)
-                if t_changed:
-                    ok &= torch.equal(self.device.read_thresholds(i).to(torch.float64), theta)
-                if ok:
-                    break
+            ok, k = self._write_layer(i, codes, scale, theta, w_changed, t_changed)
+            n += k
             if not ok:
                 failed.append(i)
                 continue
@@ -203,6 +210,137 @@ class HILTrainer:
                                    f"{self.config.write_retries} retries; the chip's state of those "
                                    "layers is not the intended one", layers=failed)
         return n
+
+    def _write_layer(self, i: int, codes: torch.Tensor, scale: float, theta: torch.Tensor,
+                     w_changed: bool = True, t_changed: bool = True) -> tuple[bool, int]:
+        """Write layer ``i``'s codes/scale and/or thresholds, read back and verify, retrying
+        ``config.write_retries`` times. Returns (verified, writes). Does not touch ``state``."""
+        ok, n = False, 0
+        for _ in range(self.config.write_retries + 1):
+            if w_changed:
+                self.device.write_weights(i, codes, scale)
+                n += 1
+            if t_changed:
+                self.device.write_thresholds(i, theta)
+                n += 1
+            self.device_calls += int(w_changed) + int(t_changed)
+            ok = True
+            if self.device.verifies_writes:
+                break  # the driver checked the chip's copy itself (CRC / read-back)
+            self.device_calls += int(w_changed) + int(t_changed)
+            if w_changed:
+                rc, rs = self.device.read_weights(i)
+                ok &= torch.equal(rc.to(codes.dtype), codes) and float(rs) == float(scale)
+            if t_changed:
+                ok &= torch.equal(self.device.read_thresholds(i).to(torch.float64), theta)
+            if ok:
+                break
+        return ok, n
+
+    # ------------------------------------------------------------------ scale checks
+    @torch.no_grad()
+    def check_scales(self, log: Optional[Callable[[str], None]] = None) -> list[dict]:
+        """Find layers whose fixed scale keeps their codes stuck; warn, and rescale in "auto".
+
+        Meant for epoch boundaries (before the checkpoint is saved). Per ``config.rescale``:
+        "off" returns ``[]`` at once; "warn" and "auto" check every weight layer of a
+        quantised state (a float-weight state has no scales: ``[]``). A layer with non-zero
+        float weights is *stuck* when
+
+        * its codes on the fixed scale are all 0 (e.g. it was programmed all-zero: scale 1);
+        * more than ``config.rescale_saturation`` of its non-zero float weights lie beyond the
+          range the scale represents, i.e. are clipped at the end codes (a tiny initial scale);
+        * a fresh quantisation (:func:`hwloop.quant.quantize_weights`, the state's clip
+          percentile) would give a scale more than ``config.rescale_ratio`` times larger or
+          smaller than the fixed one.
+
+        Each stuck layer raises a :class:`ScaleWarning` naming the layer and the figures (and
+        is passed to ``log`` if given). In "auto" the layer is re-quantised with the fresh scale,
+        its thresholds recomputed from the new codes (:func:`hwloop.mapping.layer_thresholds`),
+        written and verified; ``state.weights[i]``/``state.thresholds[i]`` and the nominal
+        network are updated. The shadow weights and the optimiser state are not touched, so
+        saving ``state`` in the checkpoint keeps a resumed run exact.
+
+        Warns:
+            :class:`ScaleWarning` per stuck layer (in "warn" and "auto").
+
+        Returns:
+            One dict per stuck layer: ``layer`` (index), ``kind``, ``reasons`` (list of str),
+            ``scale`` (the fixed one), ``fresh_scale``, ``scale_ratio`` (fresh / fixed),
+            ``nonzero_codes``, ``weights`` (count), ``nonzero_weights``, ``saturated_fraction``
+            (of the non-zero weights), ``max_abs_weight``, ``rescaled`` (bool) and
+            ``new_scale`` (the scale now programmed).
+
+        Raises:
+            WriteVerifyError: ("auto") a rescaled layer did not verify after
+                ``config.write_retries`` retries (``layers`` names it; ``state`` keeps the last
+                verified codes and scale).
+        """
+        mode = self.config.rescale
+        bits = self.weight_bits
+        if mode == "off" or bits is None:
+            return []
+        lo, hi = code_range(bits)
+        found, failed, changed = [], [], []
+        for i in weight_layer_indices(self.shadow):
+            layer = self.shadow.layers[i]
+            w = layer.weight.detach().to(torch.float64)
+            nonzero = w != 0
+            n_nz = int(nonzero.sum())
+            if n_nz == 0:
+                continue  # nothing to represent: all-zero codes are right
+            _, scale = self.state.weights[i]
+            codes = quantize_fixed(w, scale, bits)
+            u = w / float(scale)
+            saturated = int(((u > hi + 0.5) | (u < lo - 0.5)).sum()) / n_nz
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the fresh one is only a yardstick here
+                fresh_codes, fresh = quantize_weights(w, bits, self.state.clip_percentile, layer=i)
+            ratio = fresh / float(scale)
+            nz_codes = int((codes != 0).sum())
+            reasons = []
+            if nz_codes == 0:
+                reasons.append("all codes are 0 while the float weights are not")
+            if saturated > self.config.rescale_saturation:
+                reasons.append(f"{100 * saturated:.1f} % of the non-zero weights saturate")
+            if not 1.0 / self.config.rescale_ratio <= ratio <= self.config.rescale_ratio:
+                reasons.append(f"a fresh scale would be {ratio:.3g} x the fixed one")
+            if not reasons:
+                continue
+            rec = {"layer": i, "kind": getattr(layer, "kind", type(layer).__name__.lower()),
+                   "reasons": reasons, "scale": float(scale), "fresh_scale": float(fresh),
+                   "scale_ratio": float(ratio), "nonzero_codes": nz_codes, "weights": w.numel(),
+                   "nonzero_weights": n_nz, "saturated_fraction": saturated,
+                   "max_abs_weight": float(w.abs().max()), "rescaled": False,
+                   "new_scale": float(scale)}
+            if mode == "auto":
+                theta = layer_thresholds(self.shadow, i, fresh_codes, fresh)
+                ok, n = self._write_layer(i, fresh_codes, fresh, theta)
+                self.writes += n
+                if ok:
+                    self.state.weights[i] = (fresh_codes, float(fresh))
+                    self.state.thresholds[i] = theta
+                    changed.append(i)
+                    rec.update(rescaled=True, new_scale=float(fresh))
+                else:
+                    failed.append(i)
+            msg = (f"layer {i} ({rec['kind']}): its fixed {bits}-bit scale {float(scale):.4g} "
+                   f"cannot represent its float weights: {'; '.join(reasons)} ({nz_codes} of "
+                   f"{w.numel()} codes non-zero, max |w| {rec['max_abs_weight']:.4g}, fresh scale "
+                   f"{fresh:.4g})")
+            msg += (" -> re-quantised with the fresh scale" if rec["rescaled"] else
+                    " -> rescale failed to verify" if mode == "auto" else
+                    "; FinetuneConfig(rescale='auto') re-quantises it at epoch boundaries")
+            warnings.warn(msg, ScaleWarning, stacklevel=2)
+            if log is not None:
+                log(f"warning: {msg}")
+            found.append(rec)
+        self._refresh_nominal(changed)
+        if failed:
+            raise WriteVerifyError(f"rescaled layers {failed} failed to verify after "
+                                   f"{self.config.write_retries} retries; the chip's state of those "
+                                   "layers is not the intended one", layers=failed)
+        return found
 
     # ------------------------------------------------------------------ epochs
     def lr_at(self, step: int, total: int) -> float:
