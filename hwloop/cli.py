@@ -27,6 +27,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "hwloop.commands.calibrate",
     "hwloop.commands.evaluate",
     "hwloop.commands.sweep",
+    "hwloop.commands.report",
+    "hwloop.commands.convert",
+    "hwloop.commands.export",
+    "hwloop.commands.check_device",
 )
 
 EXIT_ERROR = 2
@@ -122,8 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hwloop {args.command}: error: {_one_line(exc)} (--debug for details)",
               file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("\nhwloop: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # a command may attach how to continue (e.g. finetune: the exact resume command)
+        hint = getattr(exc, "hint", None)
+        print(f"\nhwloop {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     return int(result or 0)
 
@@ -135,7 +141,10 @@ def _one_line(exc: Exception) -> str:
         try:
             e = errors()[0]
             loc = ".".join(str(x) for x in e.get("loc", ()))
-            return f"invalid {loc}={e.get('input')!r}: {e.get('msg')}"
+            msg = str(e.get("msg", ""))
+            if msg.startswith("Value error, "):  # pydantic's prefix for a validator's ValueError
+                msg = msg[len("Value error, "):]
+            return f"invalid {loc}={e.get('input')!r}: {msg}"
         except Exception:  # pragma: no cover - fall back to the plain text
             pass
     return " ".join(str(exc).split())

@@ -82,6 +82,15 @@ def network_to_spec(net: TTFSNetwork) -> NetworkSpec:
                                     padding=layer.padding, t_min=last_window[0],
                                     t_max=last_window[1]))
         elif isinstance(layer, SpikingMaxPool2d):
+            plain = {"padding": (0, 0), "dilation": (1, 1), "ceil_mode": False}
+            geometry = {k: getattr(layer, k) for k in plain if hasattr(layer, k)}
+            odd = {k: v for k, v in geometry.items()
+                   if (tuple(v) if isinstance(v, (tuple, list)) else v) != plain[k]}
+            if odd:
+                raise DeviceLimitError(
+                    f"layer {i}: max pool with {odd} has no device equivalent (the device "
+                    "protocol's pools have a kernel and a stride only); it runs and trains in "
+                    "software (hwloop train), but cannot be programmed on a chip")
             sign = None if layer.sign is None else tuple(int(s) for s in layer.sign)
             layers.append(LayerSpec(kind="maxpool2d", in_shape=in_shape, out_shape=out_shape,
                                     kernel_size=layer.kernel_size, stride=layer.stride,

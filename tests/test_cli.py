@@ -150,6 +150,10 @@ def test_command_modules_are_the_documented_ones():
         "hwloop.commands.calibrate",
         "hwloop.commands.evaluate",
         "hwloop.commands.sweep",
+        "hwloop.commands.report",
+        "hwloop.commands.convert",
+        "hwloop.commands.export",
+        "hwloop.commands.check_device",
     )
 
 

@@ -142,9 +142,13 @@ def test_bad_inputs_are_clear_errors():
         net(x * 3)
     with pytest.raises(DataError, match="shape"):
         net(x[:, :, :10])
-    with pytest.raises(ConversionError, match="AvgPool2d"):
-        hwloop.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
-                                     nn.Linear(2 * 13 * 13, 3)), x)
+    # average pooling is linear: it folds exactly into the next layer (traced conversion)
+    avg = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                        nn.Linear(2 * 13 * 13, 3)).double()
+    folded = hwloop.convert(avg, x.double(), dtype=torch.float64)
+    assert (folded(x.double()) - avg(x.double())).abs().max() < 1e-9
+    with pytest.raises(ConversionError, match="Tanh"):
+        hwloop.convert(nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.Tanh(), nn.Linear(8, 3)), x)
     with pytest.raises(ConversionError, match="Linear readout"):
         hwloop.convert(nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.ReLU()), x)
     with pytest.raises(ConversionError, match="Sigmoid"):

@@ -11,16 +11,33 @@ DATASETS = ("fashion-mnist", "mnist", "synthetic")
 ARCHS = ("fc2", "fc16", "lenet5", "vgg16")
 
 
-def add_device_args(p, default: str) -> None:
-    """``--device`` (one string: profile path, serial URL/port or VISA resource) and
-    ``--chip-seed``, as every command that talks to a chip takes them."""
-    p.add_argument("--device", default=default,
-                   help=f"profile path (emulator), serial URL/port, or VISA resource (default {default})")
+def dataset_name(value: str) -> str:
+    """``--dataset`` spelled any way (``fashion_mnist``, ``Fashion-MNIST``): one recorded name."""
+    return str(value).strip().lower().replace("_", "-")
+
+
+def add_device_args(p, default: str, sentinel: bool = False) -> None:
+    """``--device`` (one string: a profile path or a bare profile name such as
+    ``emulator-harsh``, a serial URL/port or a VISA resource) and ``--chip-seed``, as every
+    command that talks to a chip takes them. ``sentinel``: the parsed default is None (the
+    command fills it in), so a command can tell an option given from one left out."""
+    p.add_argument("--device", default=None if sentinel else default,
+                   help="profile path or name (emulator, e.g. emulator-harsh), serial URL/port, or "
+                        f"VISA resource (default {default})")
     p.add_argument("--chip-seed", type=int, default=None, help="emulator chip instance (frozen mismatch)")
 
 
-def add_data_args(p) -> None:
+def add_data_args(p, sentinel: bool = False) -> None:
     """``--dataset``, ``--data-dir`` and ``--arch`` of the commands that build the ReLU twin."""
-    p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
+    p.add_argument("--dataset", default=None if sentinel else "fashion-mnist", type=dataset_name,
+                   choices=DATASETS, help="default fashion-mnist")
     p.add_argument("--data-dir", default=None, help="directory holding the IDX files")
-    p.add_argument("--arch", default="fc2", choices=ARCHS)
+    p.add_argument("--arch", default=None if sentinel else "fc2", choices=ARCHS, help="default fc2")
+
+
+def clean_msg(msg: str) -> str:
+    """pydantic's error message without its ``Value error, `` prefix."""
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg

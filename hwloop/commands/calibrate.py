@@ -11,7 +11,7 @@ import argparse
 import os
 import json
 
-from hwloop.commands import add_device_args
+from hwloop.commands import add_device_args, dataset_name
 
 
 def register(subparsers) -> None:
@@ -31,6 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--arch", default="fc2", choices=("fc2", "fc16", "lenet5", "vgg16"),
                    help="topology to calibrate for (default fc2)")
     p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "synthetic"),
+                   type=dataset_name,
                    help="input shape and classes of the topology (default fashion-mnist)")
     p.add_argument("--out", default=None, help="record path (default calibration/<device-id>.json)")
     p.add_argument("--force", action="store_true", help="replace an existing record at --out")
@@ -41,6 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-synapse-gains", action="store_true",
                    help="skip the synapse probes (per-neuron slope/delay/offset only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe patterns")
+    p.add_argument("--no-plots", action="store_true", help="write no plot of the fit")
     p.add_argument("--json", action="store_true", help="print the record summary as JSON")
     p.set_defaults(func=run)
 
@@ -74,21 +76,43 @@ def run(args: argparse.Namespace) -> int:
         if not os.access(folder, os.W_OK):
             raise CalibrationError(f"--out {out}: folder {folder} is not writable")
         rec = calibrate_device(dev, spec, opts, arch=args.arch, chip_seed=args.chip_seed)
-    h = save_record(out, rec)
+    save_record(out, rec)
+    if not args.no_plots:
+        try:
+            from hwloop.train.plots import plot_calibration_fit
+            plot_calibration_fit(rec, plot_path(out))
+        except Exception as exc:  # the record is written: a picture does not fail the run
+            print(f"warning: fit plot not written ({type(exc).__name__}: {exc})")
+    print(summary(rec, out))
+    if args.json:
+        print(json.dumps(rec.summary(), indent=2, default=float))
+    return 0
+
+
+def plot_path(record_path: str) -> str:
+    """``calibration/<id>.json`` -> ``calibration/<id>.fit.png``."""
+    base = record_path[:-5] if record_path.endswith(".json") else record_path
+    return base + ".fit.png"
+
+
+def summary(rec, out: str) -> str:
+    """What `hwloop calibrate` prints (and `hwloop report RECORD` again). The hash shown is the
+    record's content hash (``content_sha256``), the one `hwloop finetune` and `evaluate` show."""
+    from hwloop.calibrate.record import content_hash
     s = rec.summary()
-    print(f"device {rec.device_id}: {rec.device_runs} runs, {rec.samples} samples, "
-          f"{rec.wall_time_s:.1f} s; random jitter SD {rec.jitter_sd:.4g} +- {rec.jitter_sd_se:.2g} tau_c")
+    lines = [f"device {rec.device_id}: {rec.device_runs} runs, {rec.samples} samples, "
+             f"{rec.wall_time_s:.1f} s; random jitter SD {rec.jitter_sd:.4g} +- {rec.jitter_sd_se:.2g} tau_c"]
     for row in s["layers"]:
         fields = ", ".join(f"{k} {v}" for k, v in row.items()
                            if k not in ("index", "kind", "neurons", "residual_rms"))
-        print(f"  layer {row['index']} {row['kind']} ({row['neurons']}): {fields}; "
-              f"residual RMS {row['residual_rms']}")
+        lines.append(f"  layer {row['index']} {row['kind']} ({row['neurons']}): {fields}; "
+                     f"residual RMS {row['residual_rms']}")
     for lc in rec.layers:  # e.g. neurons whose fit failed and were set to the layer median
         for note in lc.notes:
-            print(f"  note, layer {lc.index}: {note}")
+            lines.append(f"  note, layer {lc.index}: {note}")
     for note in rec.notes:
-        print(f"  note: {note}")
-    print(f"record: {out} (sha256 {h[:16]}...)")
-    if args.json:
-        print(json.dumps(s, indent=2, default=float))
-    return 0
+        lines.append(f"  note: {note}")
+    lines.append(f"record: {out} (sha256 {content_hash(rec)[:16]}...)")
+    if os.path.exists(plot_path(out)):
+        lines.append(f"plots: {plot_path(out)}")
+    return "\n".join(lines)

@@ -39,6 +39,13 @@ def register(subparsers) -> None:
     p.add_argument("--window-percentile", type=float, default=None,
                    help="windows hold this percentile of activations (default: the profile's)")
     p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="evaluate N times with fresh jitter: accuracy mean +- SD (default 1)")
+    p.add_argument("--cache-dir", default=None, help="model cache (default ~/.cache/hwloop/models)")
+    p.add_argument("--out", default=None,
+                   help="folder for report.json and the plots (default: a new runs/evaluate-<UTC date-time>)")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as JSON too")
     p.set_defaults(func=run)
 
@@ -81,9 +88,16 @@ def evaluate_on_device(device: str, chip_seed: Optional[int] = None, calibration
                        data_dir: Optional[str] = None, arch: str = "fc2", seed: int = 0,
                        pretrain_epochs: Optional[int] = None, train_subset: Optional[int] = None,
                        test_subset: Optional[int] = None, window_percentile: Optional[float] = None,
-                       batch_size: int = 1000, log: Callable[[str], None] = print) -> dict[str, Any]:
+                       batch_size: int = 1000, log: Callable[[str], None] = print, *,
+                       repeats: int = 1, progress: bool = False, trace: bool = False,
+                       cache_dir: Optional[str] = None) -> dict[str, Any]:
     """Evaluate on a device; returns a dict with ``device`` (see
-    :func:`hwloop.train.hil.evaluate_device`), ``ideal_snn`` accuracy, and what was programmed."""
+    :func:`hwloop.train.hil.evaluate_device`; with ``spread`` over ``repeats`` evaluations with
+    fresh jitter), ``ideal_snn`` accuracy, and what was programmed; ``trace``: also the spike
+    times of a few test images (``trace`` key, for the plots).
+
+    The device is opened, and a calibration record checked against it, before anything else
+    (the twin may take minutes to train): a wrong device fails at once."""
     import torch
 
     from hwloop.calibrate.compensate import program_calibrated
@@ -98,23 +112,25 @@ def evaluate_on_device(device: str, chip_seed: Optional[int] = None, calibration
     opts = FinetuneOptions(device=device, chip_seed=chip_seed, dataset=dataset, data_dir=data_dir,
                            arch=arch, pretrain_epochs=pretrain_epochs, train_subset=train_subset,
                            test_subset=test_subset, window_percentile=window_percentile,
-                           finetune=FinetuneConfig(seed=seed), progress=False)
+                           finetune=FinetuneConfig(seed=seed), progress=progress,
+                           eval_repeats=repeats, eval_batch_size=batch_size, cache_dir=cache_dir)
     # everything the user named is checked before the (possibly long) twin training
     rec = load_record(calibration) if calibration else None
     sd = _load_weights(weights) if weights else None
-    if rec is not None:
-        from hwloop.calibrate.fit import spec_for_arch
-        from hwloop.calibrate.record import check_record_matches
-        with open_named_device(device, chip_seed) as dev:
-            check_record_matches(rec, dev.info().device_id, spec_for_arch(arch, dataset))
-    source = data_source(opts)
-    data = load_data(opts)
-    xtr, ytr, xte, yte = data
-    digest = data_digest(data)
-    relu, _ = relu_twin(opts, data, log, digest)
-    net = convert(relu, xtr[:2000].to(torch.float64), dtype=torch.float64)
-    mode = "calibrated" if rec is not None else "uncalibrated"
+    from hwloop.train.finetune import evaluate_repeated
     with open_named_device(device, chip_seed) as dev:
+        info = dev.info()
+        if rec is not None:
+            from hwloop.calibrate.fit import spec_for_arch
+            from hwloop.calibrate.record import check_record_matches
+            check_record_matches(rec, info.device_id, spec_for_arch(arch, opts.dataset))
+        source = data_source(opts)
+        data = load_data(opts)
+        xtr, ytr, xte, yte = data
+        digest = data_digest(data)
+        relu, _ = relu_twin(opts, data, log, digest)
+        net = convert(relu, xtr[:2000].to(torch.float64), dtype=torch.float64)
+        mode = "calibrated" if rec is not None else "uncalibrated"
         if weights:
             try:
                 net.load_state_dict(sd.get("shadow", sd) if isinstance(sd, dict) else sd)
@@ -141,27 +157,92 @@ def evaluate_on_device(device: str, chip_seed: Optional[int] = None, calibration
             import copy
             ideal = copy.deepcopy(net)
             shadow, _, _ = map_network(dev, net, xtr, window_percentile, rec)
-        info = dev.info()
-        res = evaluate_device(dev, shadow, xte, yte, batch_size)
+        res = evaluate_repeated(dev, shadow, xte, yte, opts, 500_000, "evaluating")
+        tr = None
+        if trace:
+            from hwloop.train.plots import spike_trace
+            dev.seed_noise(seed * 1_000_003 + 900_000)
+            tr = spike_trace(shadow, xte, yte, device=dev)
     ideal_res = evaluate_net(ideal, xte, yte) if not weights else None
-    return {"device_id": info.device_id, "mode": mode, "dataset": dataset, "arch": arch,
-            "n_test": int(xte.shape[0]), "data": {**source, "sha256": digest}, "device": res,
-            "ideal_snn": ideal_res, "calibration": calibration, "weights": weights}
+    cal = None
+    if rec is not None or calibration:
+        from hwloop.calibrate.record import content_hash
+        r = rec if rec is not None else load_record(calibration)
+        cal = {"path": calibration, "content_sha256": content_hash(r)}
+    out = {"kind": "evaluate", "device_id": info.device_id, "device_name": device, "mode": mode,
+           "dataset": opts.dataset, "arch": arch, "n_test": int(xte.shape[0]),
+           "data": {**source, "sha256": digest}, "device": res, "ideal_snn": ideal_res,
+           "calibration": calibration, "calibration_record": cal, "weights": weights}
+    if trace:
+        out["trace"] = tr
+    return out
+
+
+def default_out() -> str:
+    import datetime as dt
+    return "runs/evaluate-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
 def run(args: argparse.Namespace) -> int:
-    from hwloop.train.finetune import format_joules
-    out = evaluate_on_device(args.device, args.chip_seed, args.calibration, args.weights, args.dataset,
-                             args.data_dir, args.arch, args.seed, args.pretrain_epochs,
-                             args.train_subset, args.test_subset, args.window_percentile,
-                             args.batch_size)
-    d = out["device"]
-    print(f"device {out['device_id']} ({out['mode']}), {out['arch']} on {out['dataset']}, "
-          f"{out['n_test']} test images")
-    if out["ideal_snn"] is not None:
-        print(f"  ideal SNN (software)  accuracy {100 * out['ideal_snn']['accuracy']:.2f} %")
-    print(f"  device                accuracy {100 * d['accuracy']:.2f} %, spikes/neuron "
-          f"{d['spikes_per_neuron']:.3f}, energy/inference {format_joules(d['energy_j_per_sample'])}")
+    import os
+
+    from hwloop.train.finetune import remove_if_empty
+    from hwloop.train.lock import FolderLock
+    out_dir = Path(args.out or default_out())
+    existed = out_dir.exists()
+    try:
+        with FolderLock(out_dir, "hwloop evaluate"):
+            out = evaluate_on_device(args.device, args.chip_seed, args.calibration, args.weights,
+                                     args.dataset, args.data_dir, args.arch, args.seed,
+                                     args.pretrain_epochs, args.train_subset, args.test_subset,
+                                     args.window_percentile, args.batch_size, repeats=args.repeats,
+                                     progress=not args.no_progress, trace=not args.no_plots,
+                                     cache_dir=args.cache_dir)
+            trace = out.pop("trace", None)
+            tmp = out_dir / "report.json.tmp"
+            tmp.write_text(json.dumps(out, indent=2, default=float))
+            os.replace(tmp, out_dir / "report.json")
+            if trace is not None:
+                write_plots(out, trace, out_dir)
+    except BaseException:
+        if not existed:
+            remove_if_empty(out_dir)
+        raise
+    print(summary(out, out_dir))
     if args.json:
         print(json.dumps(out, indent=2, default=float))
     return 0
+
+
+PLOTS = ("spike_raster.png", "spike_times.png", "spikes_per_layer.png")
+
+
+def write_plots(out: dict, trace: dict, out_dir: Path) -> list[str]:
+    """The spike raster and per-layer spike-time histograms of a few test images on the
+    device, and the spikes per neuron of each layer over the test set."""
+    from hwloop.train import plots
+    (out_dir / "spike_trace.json").write_text(json.dumps(trace))
+    paths = [plots.plot_spike_raster(trace, out_dir / PLOTS[0]),
+             plots.plot_spike_histograms(trace, out_dir / PLOTS[1]),
+             plots.plot_layer_activity(out["device"], out_dir / PLOTS[2],
+                                       title=f"{out['arch']} on {out['device_id']} ({out['mode']})")]
+    return [str(p) for p in paths]
+
+
+def summary(out: dict, out_dir) -> str:
+    """What `hwloop evaluate` prints (and `hwloop report` again)."""
+    from hwloop.train.finetune import format_eval
+    d = out["device"]
+    lines = [f"device {out['device_id']} ({out['mode']}), {out['arch']} on {out['dataset']}, "
+             f"{out['n_test']} test images"]
+    if out.get("calibration_record"):
+        c = out["calibration_record"]
+        lines.append(f"  calibration {c['path']} (sha256 {c['content_sha256'][:16]}...)")
+    if out["ideal_snn"] is not None:
+        lines.append(f"  ideal SNN (software)  accuracy {100 * out['ideal_snn']['accuracy']:.2f} %")
+    lines.append(f"  device                {format_eval(d)}")
+    lines.append(f"report: {Path(out_dir) / 'report.json'}")
+    plots = [str(Path(out_dir) / p) for p in PLOTS if (Path(out_dir) / p).exists()]
+    if plots:
+        lines.append("plots: " + "  ".join(plots))
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from hwloop.commands import add_data_args
+from hwloop.commands import add_data_args, clean_msg
 
 
 def register(subparsers) -> None:
@@ -101,18 +101,20 @@ def spec_from_args(args: argparse.Namespace):
         err = exc.errors()[0]
         loc = ".".join(map(str, err["loc"]))
         if not loc:  # a check across options: its message says what is wrong
-            raise DataError(f"invalid options: {err['msg']}") from None
-        raise DataError(f"invalid option {loc}={err.get('input')!r}: {err['msg']}") from None
+            raise DataError(f"invalid options: {clean_msg(err['msg'])}") from None
+        raise DataError(f"invalid option {loc}={err.get('input')!r}: {clean_msg(err['msg'])}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     from hwloop.studies.executors import make_executor, one_thread
     from hwloop.studies.sweep import SweepError, format_summary, run_sweep
+    from hwloop.train.progress import interactive
 
     spec = spec_from_args(args)
     one_thread()  # the parent only plans, loads the twin and writes tables
     with make_executor(args.executor, args.workers, args.ray_address) as ex:
-        res = run_sweep(spec, args.out, ex, progress=not args.no_progress, plot=not args.no_plot)
+        res = run_sweep(spec, args.out, ex, progress=not args.no_progress and interactive(),
+                        plot=not args.no_plot)
     if res["rows"]:
         print(format_summary(res["rows"], spec.knobs))
     print(f"{res['ran']} point(s) run, {res['skipped']} already done, {len(res['failed'])} failed; "

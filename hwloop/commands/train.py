@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from hwloop.commands import dataset_name
+
 MODELS = ("b1", "relu", "alpha1")
 
 
@@ -22,7 +24,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--arch", default="fc2", help="fc2, fc16, lenet5 or vgg16 (default fc2)")
     p.add_argument("--model", choices=MODELS, default="b1", help="default b1")
-    p.add_argument("--dataset", default="fashion-mnist", help="mnist or fashion-mnist (default)")
+    p.add_argument("--dataset", default="fashion-mnist", type=dataset_name,
+                   help="mnist or fashion-mnist (default)")
     p.add_argument("--data-dir", default=None, help="directory holding the IDX files")
     p.add_argument("--recipe", default="default", help="named recipe: default or reference")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
@@ -39,6 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.set_defaults(func=run)
 
 
@@ -96,10 +100,39 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if not args.no_plots:
+        write_plots(report, model, x_test, y_test, out)
+    print(summary(report, out))
+    return 0
 
-    summary = {k: report.get(k) for k in (
+
+PLOTS = ("learning_curve.png", "spike_raster.png", "spike_times.png")
+
+
+def write_plots(report: dict, model, x_test, y_test, out: Path) -> list[str]:
+    """The learning curve and, for a TTFS model, the spike raster and per-layer spike-time
+    histograms of a few test images (computed in software)."""
+    from hwloop.train import plots
+    from hwloop.ttfs import TTFSNetwork
+    paths = [plots.plot_train_curve(report.get("history", []), out / PLOTS[0],
+                                    title=f"software training: {report.get('model')} {report.get('arch')} "
+                                          f"on {report.get('dataset')}")]
+    if isinstance(model, TTFSNetwork) and report.get("model") == "b1":
+        trace = plots.spike_trace(model.eval(), x_test, y_test)
+        (out / "spike_trace.json").write_text(json.dumps(trace))
+        paths += [plots.plot_spike_raster(trace, out / PLOTS[1]),
+                  plots.plot_spike_histograms(trace, out / PLOTS[2])]
+    return [str(p) for p in paths]
+
+
+def summary(report: dict, out) -> str:
+    """What `hwloop train` prints at the end (and `hwloop report` again): the key figures as
+    JSON, the report's path and the plots."""
+    s = {k: report.get(k) for k in (
         "arch", "model", "dataset", "test_accuracy", "test_loss", "spikes_per_neuron",
         "relu_twin_agreement", "relu_twin_test_accuracy", "wall_time_s") if k in report}
-    print(json.dumps(summary, indent=2), file=sys.stdout)
-    print(f"report: {out / 'report.json'}", file=sys.stderr)
-    return 0
+    lines = [json.dumps(s, indent=2), f"report: {Path(out) / 'report.json'}"]
+    plots = [str(Path(out) / p) for p in PLOTS if (Path(out) / p).exists()]
+    if plots:
+        lines.append("plots: " + "  ".join(plots))
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ ACCEPTED_FORMS = (
     "a serial URL: socket://HOST:PORT, loop://, rfc2217://HOST:PORT, /dev/tty*, COM<n> "
     "-> SerialDevice (frame dialect)",
     "a VISA resource: TCPIP..., ASRL..., USB..., GPIB... -> VisaDevice (SCPI dialect)",
+    "SCHEME://... of a backend installed under the entry-point group hwloop.devices",
 )
 
 _SERIAL = re.compile(r"^(socket://|loop://|rfc2217://|/dev/tty|/dev/pts/|/dev/cu\.|COM\d+$)",
@@ -21,14 +22,87 @@ _VISA = re.compile(r"^(TCPIP|ASRL|USB|GPIB)", re.IGNORECASE)
 
 _SERIAL_KW = ("timeout", "retries", "write_retries", "baudrate", "per_sample_timeout_s",
               "chunk_bytes", "time_format", "verify", "byte_rate", "ack_timeout",
-              "reply_chunk_bytes", "sparse")
+              "reply_chunk_bytes", "sparse", "take_over", "adaptive", "max_ack_timeout",
+              "min_chunk_bytes")
 _VISA_KW = ("backend", "timeout", "per_sample_timeout_s", "byte_rate", "chunk_codes",
             "write_retries", "time_format", "resource_manager", "open_timeout", "verify",
-            "sparse")
+            "sparse", "resync_timeout", "take_over")
+
+
+#: Entry-point group of third-party backends: the entry point's name is a URL scheme, its
+#: value a callable ``open(url, **kw) -> TTFSDevice`` (it must ignore keywords it does not take).
+ENTRY_POINT_GROUP = "hwloop.devices"
+
+
+def entry_point_for(name: str):
+    """The ``hwloop.devices`` entry point registered for the URL scheme of ``name``
+    (``scheme://...``), or None. Built-in forms are matched first, so a plugin cannot take
+    them over."""
+    scheme, sep, _ = str(name).strip().partition("://")
+    if not sep or not scheme:
+        return None
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name.lower() == scheme.lower():
+            return ep
+    return None
+
+
+#: How an option given in a device string (``...?key=value&key=value``) is read.
+_OPTION_TYPES = {
+    "timeout": float, "per_sample_timeout_s": float, "byte_rate": float, "ack_timeout": float,
+    "max_ack_timeout": float, "open_timeout": float, "resync_timeout": float,
+    "retries": int, "write_retries": int, "baudrate": int, "chunk_bytes": int,
+    "reply_chunk_bytes": int, "min_chunk_bytes": int, "chunk_codes": int,
+    "verify": bool, "sparse": bool, "take_over": bool, "adaptive": bool,
+    "time_format": str, "backend": str,
+}
+
+
+#: Query options of pyserial's own URL handlers, left in the URL for it.
+_PYSERIAL_OPTIONS = ("logging", "ign_set_control", "poll_modem")
+
+
+def _option_value(key: str, text: str, name: str):
+    kind = _OPTION_TYPES[key]
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(text)
+            return low in ("1", "true", "yes", "on")
+        return kind(text)
+    except ValueError as e:
+        raise DeviceError(f"device string {name!r}: option {key}={text!r} is not a "
+                          f"{kind.__name__}") from e
+
+
+def split_options(name: str, kind: str) -> tuple[str, dict]:
+    """``(device string without our options, options)`` of ``URL?key=value&...``.
+
+    Serial URLs keep the query keys that are pyserial's own (``logging=debug``); VISA resource
+    names have no query, so every key must be one of ours. Unknown keys raise DeviceError.
+    """
+    base, sep, query = name.partition("?")
+    if not sep or kind == "emulator":
+        return name, {}
+    allowed = _SERIAL_KW if kind == "serial" else _VISA_KW
+    opts, keep = {}, []
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if key in _OPTION_TYPES and key in allowed and eq:
+            opts[key] = _option_value(key, value, name)
+        elif kind == "serial" and key in _PYSERIAL_OPTIONS:
+            keep.append(item)  # pyserial's own URL options
+        else:
+            raise DeviceError(f"device string {name!r}: unknown option {key!r} for the "
+                              f"{kind} backend (options: {', '.join(sorted(allowed))})")
+    return (base + ("?" + "&".join(keep) if keep else "")), opts
 
 
 def backend_for(name: str) -> str:
-    """"emulator", "serial" or "visa" for a device string; DeviceError if none fits."""
+    """"emulator", "serial", "visa" or "entry-point" (a third-party backend, see
+    :func:`entry_point_for`) for a device string; DeviceError if none fits."""
     s = str(name).strip()
     if s.lower().endswith((".yaml", ".yml")) or (os.path.isfile(s) and not _SERIAL.match(s)):
         return "emulator"
@@ -36,6 +110,8 @@ def backend_for(name: str) -> str:
         return "serial"
     if _VISA.match(s):
         return "visa"
+    if entry_point_for(s) is not None:
+        return "entry-point"
     raise DeviceError(f"cannot open device {name!r}: accepted forms are\n  - " +
                       "\n  - ".join(ACCEPTED_FORMS))
 
@@ -43,12 +119,19 @@ def backend_for(name: str) -> str:
 def open_device(name: str, **kw) -> TTFSDevice:
     """Open the device named by ``name`` (see :data:`ACCEPTED_FORMS`).
 
+    Options may also be given in the string itself, ``socket://127.0.0.1:5000?ack_timeout=0.2
+    &chunk_bytes=512`` or ``TCPIP::host::5025::SOCKET?timeout=10`` (any keyword below; they
+    win over keyword arguments), so that every command's ``--device`` reaches them.
+
     Keyword arguments go to the backend: ``chip_seed`` to the emulator; ``timeout``,
     ``retries``, ``chunk_bytes``, ``time_format`` ... to the serial and VISA backends. Keywords a
     backend does not take are ignored, so one set of options serves every backend.
     """
     kind = backend_for(name)
-    s = str(name).strip()
+    s, opts = split_options(str(name).strip(), kind)
+    kw = {**kw, **opts}  # options in the string win over keyword defaults
+    if kind == "entry-point":  # a third-party backend, by its URL scheme
+        return entry_point_for(s).load()(s, **kw)
     if kind == "emulator":
         from hwloop.devices.emulator import EmulatorDevice  # lazy: heavy, and optional here
         return EmulatorDevice.from_profile(s, chip_seed=kw.get("chip_seed"))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hwloop.devices.base import NetworkSpec
 from hwloop.errors import CheckpointError
@@ -38,10 +38,20 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEVICE = "devices/emulator-analog.yaml"
 
 
+def normalize_dataset(name: str) -> str:
+    """``fashion_mnist``, ``Fashion-MNIST`` -> ``fashion-mnist`` (the one spelling recorded)."""
+    return str(name).strip().lower().replace("_", "-") if isinstance(name, str) else name
+
+
 class FinetuneOptions(BaseModel):
     """Everything `hwloop finetune` needs; every field has an embedded default."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset_spelling(cls, v):
+        return normalize_dataset(v)
 
     device: str = Field(default=DEFAULT_DEVICE, description="profile path, serial URL/port or VISA resource")
     chip_seed: Optional[int] = Field(default=None, description="emulator chip instance (frozen mismatch)")
@@ -63,7 +73,11 @@ class FinetuneOptions(BaseModel):
     calibration: Optional[str] = None
     cache_dir: Optional[str] = None
     eval_batch_size: int = Field(default=1000, ge=1)
+    eval_repeats: int = Field(default=1, ge=1, le=100,
+                              description="evaluate the device this many times (fresh jitter each), "
+                                          "before and after fine-tuning: mean, SD, min, max")
     progress: bool = True
+    plots: bool = Field(default=True, description="write the PNG plots beside the report")
 
 
 # ---------------------------------------------------------------------------- data
@@ -176,12 +190,22 @@ def relu_twin(opts: FinetuneOptions, data, log: Callable[[str], None] = print,
 
 # ---------------------------------------------------------------------------- device
 def resolve_device_name(name: str) -> str:
-    """A profile path relative to the current directory or to the hwloop checkout."""
+    """A profile path relative to the current directory or to the hwloop checkout, or a bare
+    profile name (``emulator-harsh`` -> ``devices/emulator-harsh.yaml``, as
+    ``hwloop devices show`` takes it); serial URLs and VISA resources pass through."""
     if "://" in name or "::" in name or name.startswith(("/dev/", "COM", "ASRL", "TCPIP", "USB", "GPIB")):
         return name
     p = Path(name)
-    if not p.exists() and (REPO_ROOT / name).exists():
+    if p.exists():
+        return name
+    if (REPO_ROOT / name).exists():
         return str(REPO_ROOT / name)
+    if "/" not in name and "\\" not in name:
+        from hwloop.devices.profile import profiles_dir
+        for cand in (profiles_dir() / name, profiles_dir() / f"{name}.yaml",
+                     profiles_dir() / f"{name}.yml"):
+            if cand.is_file():
+                return str(cand)
     return name
 
 
@@ -288,7 +312,8 @@ class _Interrupt(Exception):
 #: record are compared by content as well (see ``inputs`` in :func:`run_finetune`).
 RESULT_OPTIONS = ("chip_seed", "profile_overrides", "dataset", "data_dir", "arch",
                   "pretrain_recipe", "pretrain_epochs", "train_subset", "test_subset",
-                  "window_percentile", "finetune", "calibration", "eval_batch_size")
+                  "window_percentile", "finetune", "calibration", "eval_batch_size",
+                  "eval_repeats")
 
 
 def option_mismatches(saved: dict, opts: FinetuneOptions) -> list[str]:
@@ -296,9 +321,10 @@ def option_mismatches(saved: dict, opts: FinetuneOptions) -> list[str]:
     ``options`` differs from ``opts``, as ``"name: checkpoint X, now Y"`` (nested fine-tuning
     options dotted, e.g. ``finetune.lr``)."""
     now = opts.model_dump(mode="json")
+    defaults = FinetuneOptions().model_dump(mode="json") if saved else {}
     out = []
     for k in RESULT_OPTIONS:
-        a, b = saved.get(k), now.get(k)
+        a, b = saved.get(k, defaults.get(k)), now.get(k)  # an option newer than the checkpoint: its default
         if isinstance(b, dict) and isinstance(a, dict):
             out += [f"{k}.{kk}: checkpoint {a.get(kk)!r}, now {vv!r}" for kk, vv in b.items()
                     if a.get(kk) != vv]
@@ -327,9 +353,10 @@ def _check_resume(ckpt: Path, what: str, mismatches: list[str]) -> None:
                               + "): resume with the same inputs, or start a new run with another --out")
 
 
-def _rewrite_log(path: Path, keep_below_epoch: int) -> None:
-    """Keep only the step rows of epochs before ``keep_below_epoch`` (those the checkpoint
-    holds); rows of an interrupted epoch, and a torn last line, are dropped. Atomic."""
+def _rewrite_log(path: Path, epochs_done: int) -> None:
+    """Keep only the step rows of the first ``epochs_done`` epochs (those the checkpoint holds;
+    rows number epochs from 1); rows of an interrupted epoch, and a torn last line, are
+    dropped. Atomic."""
     if not path.exists():
         return
     keep = []
@@ -339,7 +366,7 @@ def _rewrite_log(path: Path, keep_below_epoch: int) -> None:
                 row = json.loads(line)
             except ValueError:
                 continue  # a line torn by the interruption
-            if isinstance(row, dict) and int(row.get("epoch", -1)) < keep_below_epoch:
+            if isinstance(row, dict) and 1 <= int(row.get("epoch", 0)) <= epochs_done:
                 keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep), encoding="utf-8")
@@ -364,8 +391,29 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print,
             checkpoint written with other inputs (every mismatch named), or the folder is in use.
     """
     from hwloop.train.lock import FolderLock
-    with FolderLock(opts.out, "hwloop finetune"):
-        return _run_finetune_locked(opts, log, stop_after_steps)
+    existed = Path(opts.out).exists()
+    try:
+        with FolderLock(opts.out, "hwloop finetune"):
+            return _run_finetune_locked(opts, log, stop_after_steps)
+    except BaseException:
+        if not existed:
+            remove_if_empty(opts.out)
+        raise
+
+
+def remove_if_empty(folder) -> bool:
+    """Remove ``folder`` when a failed run left nothing in it but its lock file."""
+    from hwloop.train.lock import LOCK_NAME
+    f = Path(folder)
+    try:
+        if f.is_dir() and all(c.name == LOCK_NAME for c in f.iterdir()):
+            for c in f.iterdir():
+                c.unlink()
+            f.rmdir()
+            return True
+    except OSError:
+        pass
+    return False
 
 
 def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
@@ -413,9 +461,16 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
         net = convert(relu, xtr[:2000].to(torch.float64), dtype=torch.float64)
         ideal = copy.deepcopy(net)
         shadow, state, pct = map_network(device, net, xtr, opts.window_percentile, calibration)
+        cal_info = None
+        if calibration is not None:
+            from hwloop.calibrate.record import content_hash
+            cal_info = {"path": opts.calibration, "content_sha256": content_hash(calibration),
+                        "device_id": calibration.device_id}
         log(f"device {info.device_id} (firmware {info.firmware_version}): weight bits "
             f"{state.weight_bits or 'float'}, time steps/layer {info.time_steps_per_layer or 'continuous'}, "
-            f"windows at the {pct:g}th percentile")
+            f"windows at the {pct:g}th percentile, "
+            + (f"calibrated with {opts.calibration} (sha256 {cal_info['content_sha256'][:16]}...)"
+               if cal_info else "uncalibrated"))
 
         n_train = xtr.shape[0]
         steps_per_epoch = math.ceil(n_train / ft.batch_size)
@@ -439,11 +494,13 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
             log(f"resumed from {ckpt} after epoch {start_epoch}")
 
         if before is None:
-            log("evaluating before fine-tuning (ReLU, ideal SNN, device)")
-            device.seed_noise(ft.seed * 1_000_003 - 1)  # reproducible evaluation on an emulator
+            log("evaluating before fine-tuning (ReLU, ideal SNN, device"
+                + (f" x {opts.eval_repeats}" if opts.eval_repeats > 1 else "") + ")")
             before = {"relu": evaluate_net(relu, xte, yte)["accuracy"],
                       "ideal_snn": evaluate_net(ideal, xte, yte),
-                      "device": evaluate_device(device, shadow, xte, yte, opts.eval_batch_size)}
+                      "device": evaluate_repeated(device, shadow, xte, yte, opts, EVAL_BEFORE,
+                                                  "evaluating (before)")}
+            log("device before fine-tuning: " + format_eval(before["device"]))
 
         steps_done = 0
         log_path = out / "log.jsonl"
@@ -454,7 +511,8 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
                 device.seed_noise(ft.seed * 1_000_003 + epoch)
                 order = epoch_order(n_train, ft.seed, epoch)
                 bar = _progress(opts.progress, steps_per_epoch, f"epoch {epoch + 1}/{ft.epochs}")
-                sums = {"loss": 0.0, "acc": 0.0, "spn": 0.0, "n": 0}
+                sums = {"loss": 0.0, "acc": 0.0, "spn": 0.0, "energy": 0.0, "n": 0}
+                t_epoch, health0 = time.time(), _health(device)
                 for s in range(steps_per_epoch):
                     if stop_after_steps is not None and steps_done >= stop_after_steps:
                         raise _Interrupt(f"stopped after {steps_done} steps (test hook)")
@@ -466,8 +524,10 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
                     sums["loss"] += res.loss
                     sums["acc"] += res.accuracy
                     sums["spn"] += res.spikes_per_neuron
+                    sums["energy"] += res.energy_j
                     sums["n"] += 1
-                    logf.write(json.dumps({"epoch": epoch, "step": g_step, "loss": res.loss,
+                    # epochs numbered from 1, as in the report's history and the progress lines
+                    logf.write(json.dumps({"epoch": epoch + 1, "step": g_step, "loss": res.loss,
                                            "accuracy": res.accuracy,
                                            "spikes_per_neuron": res.spikes_per_neuron,
                                            "energy_j_per_sample": res.energy_j,
@@ -483,7 +543,11 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
                 logf.flush()
                 history.append({"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["n"], 1),
                                 "train_accuracy": sums["acc"] / max(sums["n"], 1),
-                                "spikes_per_neuron": sums["spn"] / max(sums["n"], 1)})
+                                "spikes_per_neuron": sums["spn"] / max(sums["n"], 1),
+                                "energy_j_per_sample": sums["energy"] / max(sums["n"], 1)})
+                from hwloop.train.progress import epoch_line, health_delta
+                log(epoch_line(epoch + 1, ft.epochs, {**history[-1], "wall_time_s": time.time() - t_epoch},
+                               health_delta(_health(device), health0)))
                 # stuck per-layer scales (Methods (iii) keeps them fixed): warn, or rescale with
                 # FinetuneConfig.rescale="auto"; the new scale is in trainer.state, checkpointed
                 history[-1]["scale_checks"] = trainer.check_scales(log=log)
@@ -497,8 +561,17 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
         ft_time = time.time() - t_ft
 
         log("evaluating after fine-tuning")
-        device.seed_noise(ft.seed * 1_000_003 - 2)
-        after = {"device": evaluate_device(device, shadow, xte, yte, opts.eval_batch_size)}
+        after = {"device": evaluate_repeated(device, shadow, xte, yte, opts, EVAL_AFTER,
+                                             "evaluating (after)")}
+        log("device after fine-tuning: " + format_eval(after["device"]))
+        trace = None
+        if opts.plots:  # a few test images through the chip for the raster (not in the results)
+            try:
+                from hwloop.train.plots import spike_trace
+                device.seed_noise(ft.seed * 1_000_003 + EVAL_TRACE)
+                trace = spike_trace(shadow, xte, yte, device=device)
+            except Exception as exc:  # a picture never fails a finished run
+                log(f"warning: no spike trace for the plots ({type(exc).__name__}: {exc})")
         report = {
             "dataset": opts.dataset, "arch": opts.arch, "n_train": int(n_train), "n_test": int(xte.shape[0]),
             "data": {**source, "sha256": digest},
@@ -511,6 +584,7 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
             "device_calls": trainer.device_calls + before["device"]["device_calls"]
                             + after["device"]["device_calls"],
             "final_weights_sha256": _weights_digest(shadow),
+            "calibration": cal_info,
             "provenance": provenance(device, opts.device,
                                      seeds={"seed": ft.seed, "chip_seed": opts.chip_seed},
                                      calibration=opts.calibration),
@@ -523,7 +597,78 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
     tmp = out / "final_weights.pt.tmp"
     torch.save({"shadow": shadow.state_dict()}, tmp)
     os.replace(tmp, out / "final_weights.pt")
+    if opts.plots:
+        write_finetune_plots(report, out, trace, log)
     return report
+
+
+#: noise seeds of the evaluations, offsets to ``seed * 1_000_003`` (the epochs use 0, 1, ...):
+#: every seed is non-negative and none is shared with an epoch
+EVAL_BEFORE, EVAL_AFTER, EVAL_TRACE = 500_000, 700_000, 900_000
+
+
+def evaluate_repeated(device, net, x, y, opts: FinetuneOptions, offset: int, desc: str) -> dict:
+    """:func:`~hwloop.train.hil.evaluate_device` ``opts.eval_repeats`` times, each with its own
+    reproducible jitter seed. The first repeat's figures are returned as they are, with
+    ``spread``: ``repeats`` and the accuracy's ``values``, ``mean``, ``sd``, ``min``, ``max``
+    (on a chip without jitter every repeat is the same)."""
+    from hwloop.train.progress import bar as make_bar
+    r = opts.eval_repeats
+    bar = make_bar(opts.progress, r * int(x.shape[0]), desc, unit="img")
+    accs, first = [], None
+    try:
+        for k in range(r):
+            device.seed_noise(opts.finetune.seed * 1_000_003 + offset + k)
+            res = evaluate_device(device, net, x, y, opts.eval_batch_size,
+                                  progress=bar.update if bar is not None else None)
+            first = first or res
+            accs.append(res["accuracy"])
+            if k:
+                first["device_calls"] += res["device_calls"]
+    finally:
+        if bar is not None:
+            bar.close()
+    mean = sum(accs) / r
+    sd = math.sqrt(sum((a - mean) ** 2 for a in accs) / (r - 1)) if r > 1 else 0.0
+    first["spread"] = {"repeats": r, "values": accs, "mean": mean, "sd": sd,
+                       "min": min(accs), "max": max(accs)}
+    return first
+
+
+def format_eval(res: dict) -> str:
+    """``accuracy 81.20 % (mean of 3: 81.07 +- 0.15, range 80.9-81.2), spikes/neuron ...``."""
+    sp = res.get("spread") or {}
+    acc = f"accuracy {100 * res['accuracy']:.2f} %"
+    if sp.get("repeats", 1) > 1:
+        acc = (f"accuracy {100 * sp['mean']:.2f} +- {100 * sp['sd']:.2f} % over {sp['repeats']} "
+               f"repeats (range {100 * sp['min']:.2f}-{100 * sp['max']:.2f})")
+    return (f"{acc}, spikes/neuron {res['spikes_per_neuron']:.3f}, energy/inference "
+            f"{format_joules(res.get('energy_j_per_sample'))}")
+
+
+def _health(device) -> Optional[dict]:
+    h = getattr(device, "health", None)
+    return dict(h) if h else None
+
+
+PLOTS = ("learning_curve.png", "spike_raster.png", "spike_times.png")
+
+
+def write_finetune_plots(report: dict, out: Path, trace: Optional[dict],
+                         log: Callable[[str], None] = print) -> list[str]:
+    """The learning curve on the chip and, with a ``trace``, the spike raster and the per-layer
+    spike-time histograms against the windows, beside ``report.json``. Returns the paths."""
+    from hwloop.train import plots
+    paths = []
+    try:
+        paths.append(plots.plot_learning_curve(report, out / PLOTS[0]))
+        if trace is not None:
+            (out / "spike_trace.json").write_text(json.dumps(trace))
+            paths.append(plots.plot_spike_raster(trace, out / PLOTS[1]))
+            paths.append(plots.plot_spike_histograms(trace, out / PLOTS[2]))
+    except Exception as exc:  # e.g. matplotlib missing: the run itself is done
+        log(f"warning: plots not written ({type(exc).__name__}: {exc})")
+    return [str(p) for p in paths]
 
 
 def _load_for_resume(ckpt: Path, log: Callable[[str], None]) -> dict:
@@ -546,27 +691,42 @@ def _weights_digest(net: TTFSNetwork) -> str:
 
 
 def _progress(on: bool, total: int, desc: str):
-    if not on:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    """A live bar on a terminal only (:mod:`hwloop.train.progress`); the epoch lines are logged."""
+    from hwloop.train.progress import bar
+    return bar(on, total, desc, unit="step")
 
 
 def format_table(report: dict) -> str:
     """The closing table of `hwloop finetune`."""
     b, a = report["before"], report["after"]
+    def acc(res: dict) -> str:
+        sp = res.get("spread") or {}
+        if sp.get("repeats", 1) > 1:
+            return f"{100 * sp['mean']:.2f} +- {100 * sp['sd']:.2f}"
+        return f"{100 * res['accuracy']:.2f}"
     rows = [
         ("ReLU (float)", f"{100 * b['relu']:.2f}", "-", "-"),
         ("ideal SNN (B1)", f"{100 * b['ideal_snn']['accuracy']:.2f}",
          f"{b['ideal_snn']['spikes_per_neuron']:.3f}", "-"),
-        ("device, before", f"{100 * b['device']['accuracy']:.2f}", f"{b['device']['spikes_per_neuron']:.3f}",
+        ("device, before", acc(b['device']), f"{b['device']['spikes_per_neuron']:.3f}",
          format_joules(b['device']['energy_j_per_sample'])),
-        ("device, after", f"{100 * a['device']['accuracy']:.2f}", f"{a['device']['spikes_per_neuron']:.3f}",
+        ("device, after", acc(a['device']), f"{a['device']['spikes_per_neuron']:.3f}",
          format_joules(a['device']['energy_j_per_sample'])),
     ]
-    lines = [f"{'':18} {'accuracy %':>10} {'spikes/neuron':>14} {'energy/inference':>17}"]
-    lines += [f"{r[0]:18} {r[1]:>10} {r[2]:>14} {r[3]:>17}" for r in rows]
-    lines.append(f"fine-tuning: {report['finetune']['epochs']} epochs x {report['steps_per_epoch']} steps, "
+    w = max(10, *(len(r[1]) for r in rows))
+    lines = [f"{'':18} {'accuracy %':>{w}} {'spikes/neuron':>14} {'energy/inference':>17}"]
+    lines += [f"{r[0]:18} {r[1]:>{w}} {r[2]:>14} {r[3]:>17}" for r in rows]
+    reps = (b["device"].get("spread") or {}).get("repeats", 1)
+    if reps > 1:
+        lines.append(f"device accuracy: mean +- SD over {reps} evaluations with fresh jitter; "
+                     f"fine-tuning changed it by {100 * (a['device']['spread']['mean'] - b['device']['spread']['mean']):+.2f} points")
+    from hwloop.train.progress import link_health, plural
+    health = (report.get("provenance") or {}).get("health")
+    if health:
+        lines.append(link_health({k: health[k] for k in ("retries", "crc_errors", "resends", "nudges",
+                                                         "timeouts", "resyncs") if k in health}))
+    lines.append(f"fine-tuning: {plural(report['finetune']['epochs'], 'epoch')} x "
+                 f"{plural(report['steps_per_epoch'], 'step')}, "
                  f"{report['finetune_wall_time_s']:.1f} s; total wall time {report['wall_time_s']:.1f} s; "
                  f"device calls {report['device_calls']}")
     return "\n".join(lines)

@@ -232,6 +232,11 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _interactive() -> bool:
+    from hwloop.train.progress import interactive
+    return interactive()
+
+
 def train(
     model: nn.Module,
     train_set: tuple[torch.Tensor, torch.Tensor],
@@ -265,7 +270,7 @@ def train(
         seed: seeds the shuffling and augmentation generator (initialise the model yourself).
         out_dir: if given, ``checkpoint.pt`` is saved there after every epoch (atomically, the
             previous one kept as ``checkpoint.pt.prev``) and ``report.json`` at the end.
-        progress: tqdm progress bar with loss and accuracy.
+        progress: one line per epoch on stderr, and a tqdm bar when stderr is a terminal.
         adapt_windows: apply Eq. (8) after every step (default: when the model has windows).
         resume: continue from ``out_dir/checkpoint.pt`` if it exists.
         max_steps: stop after this many optimiser steps (for smoke tests).
@@ -334,7 +339,7 @@ def train(
         loss_sum, correct, seen, windows_grew = 0.0, 0, 0, 0
         batches = iterate_batches(x_train, y_train, rec.batch_size, shuffle=True, generator=generator)
         bar = None
-        if progress:
+        if progress and _interactive():  # a live bar on a terminal only; epoch lines always
             bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{rec.epochs}",
                        leave=False, dynamic_ncols=True)
             batches = bar
@@ -393,6 +398,9 @@ def train(
                    f"acc {record['train_accuracy']:.4f}")
             if "test_accuracy" in record:
                 msg += f", test acc {record['test_accuracy']:.4f}"
+            if "spikes_per_neuron" in record:
+                msg += f", spikes/neuron {record['spikes_per_neuron']:.3f}"
+            msg += f", {record['wall_time_s']:.1f} s"
             tqdm.write(msg, file=sys.stderr)
         if ckpt_path is not None:
             state = {

@@ -76,8 +76,15 @@ def backward_from_spike_times(net: TTFSNetwork, stage_times: list[torch.Tensor],
             key = -t_in
             if layer.sign is not None:
                 key = torch.where(layer.sign.view(-1, 1, 1) > 0, -t_in, t_in)
-            _, idx = F.max_pool2d(key, layer.kernel_size, layer.stride, return_indices=True)
-            g = F.max_unpool2d(g, idx, layer.kernel_size, layer.stride, output_size=x_in.shape[-2:])
+            # the pool's own geometry (padding, dilation, ceil mode where it has them); the
+            # gradient goes to each window's winner, summed where overlapping windows (stride <
+            # kernel) share one (max_unpool2d would keep only one of them)
+            _, idx = F.max_pool2d(key, layer.kernel_size, layer.stride,
+                                  getattr(layer, "padding", 0), getattr(layer, "dilation", 1),
+                                  getattr(layer, "ceil_mode", False), return_indices=True)
+            b, c, h, w = x_in.shape
+            g = torch.zeros(b, c, h * w, dtype=g.dtype).scatter_add_(
+                2, idx.flatten(2), g.reshape(b, c, -1)).reshape(b, c, h, w)
         elif isinstance(layer, NeuronLayer):
             t_out = stage_times[stage_in[li] + 1].to(dtype)
             if l1:

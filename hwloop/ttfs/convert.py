@@ -1,19 +1,31 @@
 """Conversion of a trained ReLU network to its exact TTFS twin (paper Eq. (2) reversed).
 
-Supported: an ``nn.Sequential`` (nested ones are flattened) of Linear, Conv2d (any stride and
-zero padding, groups=1, dilation=1), BatchNorm1d/2d (eval statistics), ReLU, MaxPool2d (no
-padding), Flatten, Dropout and Identity, ending with a Linear readout. hwloop's own
-:class:`ChannelShift` and :class:`SignedMaxPool2d` (made by ``to_relu``) convert back.
+The model is read from its ``torch.fx`` graph (:func:`hwloop.ttfs.trace.read_ops`): modules and
+their functional forms are recognised by what they compute, so an ``nn.Sequential`` (nested ones
+included), a hand-written ``forward`` (``F.relu``, ``F.max_pool2d``, ``x.view(x.size(0), -1)``), a
+``torch.export`` program and an imported ONNX graph convert alike. The chain may hold Linear,
+Conv2d (zero padding; groups and dilation expanded exactly), BatchNorm1d/2d (eval statistics),
+ReLU, MaxPool2d (any kernel, stride, padding, dilation, ceil mode), AvgPool2d,
+AdaptiveAvgPool2d, flattening, Dropout and Identity, ending with a Linear readout. hwloop's own
+:class:`ChannelShift` and :class:`SignedMaxPool2d` (made by ``to_relu``) convert back. Nothing
+is converted approximately: any other operation raises :class:`ConversionError` naming the
+node, its source line and why.
 
-Batch norm is fused exactly wherever it stands:
+Stages: every ReLU closes a neuron layer (its preceding weight layer, with a max pool or average
+pool that stood before the ReLU); a max pool after a ReLU is a pooling stage (earliest spike; a
+padded position is a neuron that never fires). Everything linear between a stage and the next
+weight layer is folded into that layer (:mod:`hwloop.ttfs.fold`):
 
-* before a ReLU (``conv -> BN -> ReLU``): into the preceding layer's weights and bias;
-* after a ReLU (``ReLU -> BN -> conv``, the order of the common CIFAR VGG16): into the next
-  layer. The scale multiplies that layer's input weights; the shift becomes a bias, except in
+* batch norm before a ReLU (``conv -> BN -> ReLU``): into the preceding layer's weights and bias;
+* batch norm after a ReLU (``ReLU -> BN -> conv``, the order of the common CIFAR VGG16): into the
+  next layer. The scale multiplies that layer's input weights; the shift becomes a bias, except in
   front of a zero-padded convolution where the padded border positions must not see the shift:
   there it stays an input shift (``SpikingConv2d.in_shift``), exact at every position.
 * a negative scale in front of a max pool turns that channel's pool into a min pool
   (``SpikingMaxPool2d.sign = -1``: the latest spike wins).
+* average pooling (plain or adaptive) after a ReLU: into the next dense layer's weights (its fan-in
+  becomes the pre-pool size) or composed with the next convolution's kernel; before a ReLU: into
+  the preceding convolution.
 """
 
 from __future__ import annotations
@@ -24,48 +36,40 @@ import torch
 from torch import nn
 
 from hwloop.errors import ConversionError
-from hwloop.ttfs.layers import (ChannelShift, Flatten, Readout, SignedMaxPool2d, SpikingConv2d,
-                                SpikingDense, SpikingMaxPool2d, _pair)
+from hwloop.ttfs.fold import fold_into_conv, fold_into_dense, fold_pool_into_conv
+from hwloop.ttfs.layers import Flatten, Readout, SpikingConv2d, SpikingDense, SpikingMaxPool2d
 from hwloop.ttfs.network import TTFSNetwork
-
-
-def _flatten_modules(model: nn.Module) -> list[nn.Module]:
-    if isinstance(model, nn.Sequential):
-        out = []
-        for m in model:
-            out += _flatten_modules(m)
-        return out
-    return [model]
-
-
-def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    if bn.running_mean is None or bn.running_var is None:
-        raise ConversionError(f"{bn.__class__.__name__} without running statistics cannot be fused "
-                              "(track_running_stats=False)")
-    s = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)
-    if bn.weight is not None:
-        s = s * bn.weight.double()
-    c = -bn.running_mean.double() * s
-    if bn.bias is not None:
-        c = c + bn.bias.double()
-    return s, c
+from hwloop.ttfs.pooling import PaddedMaxPool2d
+from hwloop.ttfs.trace import Op, read_ops
 
 
 class _Open:
     """A weight layer waiting for its ReLU (or for the end: the readout)."""
 
-    def __init__(self, kind, w, b, module, in_shift=None):
-        self.kind, self.w, self.b, self.module, self.in_shift = kind, w, b, module, in_shift
+    def __init__(self, kind, w, b, in_shape, stride=(1, 1), padding=(0, 0), in_shift=None):
+        self.kind, self.w, self.b, self.in_shape, self.in_shift = kind, w, b, in_shape, in_shift
+        self.stride, self.padding = stride, padding
         self.pool: Optional[nn.Module] = None
+
+
+def _make_pool(p: dict, sign: Optional[torch.Tensor]) -> SpikingMaxPool2d:
+    plain = p["padding"] == (0, 0) and p["dilation"] == (1, 1) and not p["ceil_mode"]
+    if sign is not None and not bool((sign < 0).any()):
+        sign = None
+    if plain:
+        return SpikingMaxPool2d(p["kernel"], p["stride"], sign)
+    return PaddedMaxPool2d(p["kernel"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"], sign)
 
 
 def convert(relu_model: nn.Module, data: torch.Tensor, model: str = "b1",
             dtype: Optional[torch.dtype] = None, t_max0: float = 1.0,
             alpha: float = 1.0) -> TTFSNetwork:
-    """Map a ReLU ``nn.Sequential`` onto an equivalent TTFS network.
+    """Map a ReLU model onto an equivalent TTFS network.
 
     Args:
-        relu_model: the ReLU network (see the module docstring for what it may contain).
+        relu_model: the ReLU network: any module torch.fx can trace, or an ``fx.GraphModule``
+            (see the module docstring for what it may compute). Batch norm uses its running
+            statistics and dropout is dropped, whatever the module's mode.
         data: ``(B, *input_shape)`` sample inputs in [0, 1], used to infer shapes and initialise
             the windows so that every active unit fires inside its window.
         model: ``"b1"`` (identity mapping, the default) or ``"alpha1"``.
@@ -77,166 +81,17 @@ def convert(relu_model: nn.Module, data: torch.Tensor, model: str = "b1",
         A :class:`TTFSNetwork` whose logits equal the ReLU model's (float64: to rounding).
 
     Raises:
-        ConversionError: an unsupported layer or placement, named with its index.
+        ConversionError: an operation without an exact TTFS twin or an unsupported placement,
+            named with its graph node and source line.
+        ValueError: an unknown ``model``.
     """
-    mods = _flatten_modules(relu_model)
     params = [p for p in relu_model.parameters()]
     if dtype is None:
         dtype = params[0].dtype if params else torch.float32
     input_shape = tuple(data.shape[1:])
-    shape = input_shape
-    layers: list[nn.Module] = []
-    open_: Optional[_Open] = None
-    pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (s, c) per channel / feature
-    relu_seen_last = False
-
-    def where(i, m):
-        return f"layer {i} ({m.__class__.__name__})"
-
+    ops = read_ops(relu_model, data)
     with torch.no_grad():
-        for i, m in enumerate(mods):
-            if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)):
-                continue
-            if isinstance(m, nn.Linear):
-                if open_ is not None:
-                    raise ConversionError(f"{where(i, m)}: two weight layers without a ReLU between "
-                                          "them are not supported")
-                if len(shape) != 1 or shape[0] != m.in_features:
-                    raise ConversionError(f"{where(i, m)} expects {m.in_features} features, gets shape "
-                                          f"{shape} (add a Flatten)")
-                w = m.weight.double().clone()
-                b = m.bias.double().clone() if m.bias is not None else torch.zeros(m.out_features, dtype=torch.float64)
-                if pending is not None:
-                    s, c = pending
-                    b = b + w @ c
-                    w = w * s[None, :]
-                    pending = None
-                open_ = _Open("dense", w, b, m)
-                shape = (m.out_features,)
-                relu_seen_last = False
-            elif isinstance(m, nn.Conv2d):
-                if open_ is not None:
-                    raise ConversionError(f"{where(i, m)}: two weight layers without a ReLU between "
-                                          "them are not supported")
-                if m.groups != 1 or _pair(m.dilation) != (1, 1) or isinstance(m.padding, str) \
-                        or m.padding_mode != "zeros":
-                    raise ConversionError(f"{where(i, m)}: only groups=1, dilation=1 and numeric zero "
-                                          "padding are supported")
-                if len(shape) != 3 or shape[0] != m.in_channels:
-                    raise ConversionError(f"{where(i, m)} expects {m.in_channels} input channels, gets "
-                                          f"shape {shape}")
-                w = m.weight.double().clone()
-                b = m.bias.double().clone() if m.bias is not None else torch.zeros(m.out_channels, dtype=torch.float64)
-                in_shift = None
-                pad = _pair(m.padding)
-                if pending is not None:
-                    s, c = pending
-                    if pad == (0, 0):
-                        b = b + (w * c.view(1, -1, 1, 1)).sum((1, 2, 3))
-                    else:
-                        if bool(((s == 0) & (c != 0)).any()):
-                            raise ConversionError(f"{where(i, m)}: a batch norm with zero scale in front "
-                                                  "of a zero-padded convolution cannot be fused")
-                        in_shift = torch.where(s != 0, c / torch.where(s != 0, s, torch.ones_like(s)),
-                                               torch.zeros_like(c))
-                    w = w * s.view(1, -1, 1, 1)
-                    pending = None
-                open_ = _Open("conv2d", w, b, m, in_shift)
-                k, st = _pair(m.kernel_size), _pair(m.stride)
-                shape = (m.out_channels, (shape[1] + 2 * pad[0] - k[0]) // st[0] + 1,
-                         (shape[2] + 2 * pad[1] - k[1]) // st[1] + 1)
-                relu_seen_last = False
-            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                if m.num_features != shape[0]:
-                    raise ConversionError(f"{where(i, m)} has {m.num_features} features, the tensor has "
-                                          f"{shape[0]} channels")
-                if isinstance(m, nn.BatchNorm1d) and len(shape) != 1:
-                    raise ConversionError(f"{where(i, m)}: BatchNorm1d on a {len(shape)}-d feature map")
-                s, c = _bn_affine(m)
-                if open_ is not None:
-                    if open_.pool is not None:
-                        raise ConversionError(f"{where(i, m)}: batch norm between a max pool and its "
-                                              "ReLU is not supported")
-                    open_.w = open_.w * s.view(-1, *([1] * (open_.w.ndim - 1)))
-                    open_.b = open_.b * s + c
-                else:
-                    if not layers:
-                        raise ConversionError(f"{where(i, m)}: batch norm on the raw input is not "
-                                              "supported (normalise the data instead)")
-                    pending = (s, c) if pending is None else (pending[0] * s, pending[1] * s + c)
-            elif isinstance(m, ChannelShift):
-                sh = m.shift.double()
-                pending = (torch.ones_like(sh), sh) if pending is None else (pending[0], pending[1] + sh)
-            elif isinstance(m, nn.ReLU):
-                if open_ is None:
-                    if relu_seen_last and pending is None:
-                        continue  # relu(relu(x)) = relu(x)
-                    raise ConversionError(f"{where(i, m)}: a ReLU must follow a Linear or Conv2d "
-                                          "(optionally through BatchNorm / MaxPool)")
-                if open_.kind == "dense":
-                    layer = SpikingDense(open_.w.shape[1], open_.w.shape[0])
-                else:
-                    cm = open_.module
-                    layer = SpikingConv2d(cm.in_channels, cm.out_channels, cm.kernel_size, cm.stride,
-                                          cm.padding, in_shift=open_.in_shift is not None)
-                layer = layer.double()
-                if open_.in_shift is not None:
-                    layer.in_shift.copy_(open_.in_shift)
-                layer.weight.copy_(open_.w)
-                layer.D.copy_(open_.b)
-                layers.append(layer)
-                if open_.pool is not None:
-                    layers.append(open_.pool)
-                open_ = None
-                relu_seen_last = True
-            elif isinstance(m, (nn.MaxPool2d, SignedMaxPool2d)):
-                if isinstance(m, nn.MaxPool2d):
-                    if _pair(m.padding) != (0, 0) or _pair(m.dilation) != (1, 1) or m.ceil_mode \
-                            or m.return_indices:
-                        raise ConversionError(f"{where(i, m)}: only padding=0, dilation=1, "
-                                              "ceil_mode=False max pooling is supported")
-                    k = _pair(m.kernel_size)
-                    st = _pair(m.stride if m.stride is not None else m.kernel_size)
-                    sign = torch.ones(shape[0], dtype=torch.int8)
-                else:
-                    k, st, sign = m.kernel_size, m.stride, m.sign.clone()
-                if len(shape) != 3:
-                    raise ConversionError(f"{where(i, m)}: max pooling needs a (C, H, W) feature map")
-                if open_ is not None:
-                    if open_.pool is not None or bool((sign < 0).any()):
-                        raise ConversionError(f"{where(i, m)}: unsupported pooling before a ReLU")
-                    open_.pool = SpikingMaxPool2d(k, st)
-                else:
-                    if not layers:
-                        raise ConversionError(f"{where(i, m)}: max pooling of the raw input is not "
-                                              "supported")
-                    if pending is not None:
-                        sign = sign * torch.where(pending[0] < 0, -1, 1).to(torch.int8)
-                    layers.append(SpikingMaxPool2d(k, st, sign if bool((sign < 0).any()) else None))
-                shape = (shape[0], (shape[1] - k[0]) // st[0] + 1, (shape[2] - k[1]) // st[1] + 1)
-            elif isinstance(m, nn.Flatten):
-                if m.start_dim != 1 or m.end_dim != -1:
-                    raise ConversionError(f"{where(i, m)}: only Flatten(start_dim=1, end_dim=-1)")
-                if open_ is not None:
-                    raise ConversionError(f"{where(i, m)}: Flatten between a weight layer and its ReLU "
-                                          "is not supported")
-                if len(shape) > 1:
-                    if pending is not None:
-                        n = int(torch.tensor(shape[1:]).prod())
-                        pending = (pending[0].repeat_interleave(n), pending[1].repeat_interleave(n))
-                    layers.append(Flatten())
-                    shape = (int(torch.tensor(shape).prod()),)
-            else:
-                raise ConversionError(f"{where(i, m)} is not supported; supported: Linear, Conv2d, "
-                                      "BatchNorm1d/2d, ReLU, MaxPool2d, Flatten, Dropout, Identity")
-
-        if open_ is None or open_.kind != "dense" or open_.pool is not None:
-            raise ConversionError("the model must end with a Linear readout layer (no ReLU after it)")
-        readout = Readout(open_.w.shape[1], open_.w.shape[0]).double()
-        readout.weight.copy_(open_.w)
-        readout.bias.copy_(open_.b)
-        layers.append(readout)
-
+        layers = _build(ops, input_shape)
     net = TTFSNetwork(layers, input_shape, t_max0=t_max0).to(torch.float64)
     net.init_windows(data.to(torch.float64))
     if model == "alpha1":
@@ -244,6 +99,141 @@ def convert(relu_model: nn.Module, data: torch.Tensor, model: str = "b1",
     elif model != "b1":
         raise ValueError(f"model must be 'b1' or 'alpha1', got {model!r}")
     return net.to(dtype)
+
+
+def _close(open_: _Open) -> nn.Module:
+    if open_.kind == "dense":
+        layer = SpikingDense(open_.w.shape[1], open_.w.shape[0])
+    else:
+        layer = SpikingConv2d(open_.w.shape[1], open_.w.shape[0], tuple(open_.w.shape[2:]),
+                              open_.stride, open_.padding, in_shift=open_.in_shift is not None)
+    layer = layer.double()
+    if open_.in_shift is not None:
+        layer.in_shift.copy_(open_.in_shift)
+    layer.weight.copy_(open_.w)
+    layer.D.copy_(open_.b)
+    return layer
+
+
+def _build(ops: list[Op], input_shape: tuple) -> list[nn.Module]:
+    shape = input_shape           # per-sample shape of the model's tensor at this point
+    layers: list[nn.Module] = []
+    open_: Optional[_Open] = None
+    pending: list[Op] = []        # linear ops since the last stage, folded into the next layer
+    a_shape = input_shape         # shape of the last stage (where ``pending`` starts)
+    relu_last = flat = False
+    for op in ops:
+        k, where = op.kind, op.where
+        if k in ("linear", "conv2d"):
+            if open_ is not None:
+                raise ConversionError(f"{where}: two weight layers without a ReLU between them are "
+                                      "not supported")
+            w, b = op.p["weight"], op.p["bias"]
+            if k == "linear":
+                if len(shape) != 1 or shape[0] != w.shape[1]:
+                    raise ConversionError(f"{where} expects {w.shape[1]} features, gets shape "
+                                          f"{shape} (add a Flatten)")
+                w, b = fold_into_dense(pending, a_shape, w, b)
+                open_ = _Open("dense", w, b, a_shape)
+            else:
+                if len(shape) != 3 or shape[0] != w.shape[1]:
+                    raise ConversionError(f"{where} expects {w.shape[1]} input channels, gets "
+                                          f"shape {shape}")
+                w, b, st, pd, shift = fold_into_conv(pending, a_shape, w, b, op.p["stride"],
+                                                     op.p["padding"], where)
+                open_ = _Open("conv2d", w, b, a_shape, st, pd, shift)
+            pending, relu_last = [], False
+        elif k == "affine":
+            s, c = op.p["scale"], op.p["shift"]
+            if s.numel() != shape[0]:
+                raise ConversionError(f"{where} has {s.numel()} features, the tensor has "
+                                      f"{shape[0]} channels")
+            if open_ is not None:
+                if open_.pool is not None:
+                    raise ConversionError(f"{where}: batch norm between a max pool and its ReLU "
+                                          "is not supported")
+                open_.w = open_.w * s.view(-1, *([1] * (open_.w.ndim - 1)))
+                open_.b = open_.b * s + c
+            elif not layers:
+                raise ConversionError(f"{where}: batch norm (or constant arithmetic) on the raw "
+                                      "input is not supported (normalise the data instead)")
+            else:
+                pending.append(op)
+        elif k == "relu":
+            if open_ is None:
+                if relu_last and all(p.kind != "affine" for p in pending):
+                    continue  # relu of a non-negative value (relu, pooled relu) is the identity
+                raise ConversionError(f"{where}: a ReLU must follow a Linear or Conv2d "
+                                      "(optionally through BatchNorm / pooling)")
+            layers.append(_close(open_))
+            if open_.pool is not None:
+                layers.append(open_.pool)
+            a_shape = shape
+            open_, relu_last, flat = None, True, False
+        elif k == "maxpool2d":
+            if len(shape) != 3:
+                raise ConversionError(f"{where}: max pooling needs a (C, H, W) feature map")
+            sign = op.p["sign"]
+            if open_ is not None:
+                if open_.kind != "conv2d" or open_.pool is not None or (sign is not None and bool((sign < 0).any())):
+                    raise ConversionError(f"{where}: unsupported pooling before a ReLU")
+                open_.pool = _make_pool(op.p, None)
+            else:
+                if not layers:
+                    raise ConversionError(f"{where}: max pooling of the raw input is not supported")
+                if any(p.kind != "affine" for p in pending):
+                    raise ConversionError(f"{where}: max pooling after an average pool: the average "
+                                          "is not a spiking stage (it is folded into the next weight "
+                                          "layer), so no neuron holds it")
+                sign = torch.ones(shape[0], dtype=torch.int8) if sign is None else sign.clone()
+                for p in pending:
+                    sign = sign * torch.where(p.p["scale"] < 0, -1, 1).to(torch.int8)
+                layers.append(_make_pool(op.p, sign))
+                a_shape, flat = op.out_shape, False
+                if pending:  # the affine now acts on the pooled values (per channel: it commutes)
+                    pending = [Op("affine", p.where, op.out_shape, op.out_shape, p.p) for p in pending]
+        elif k in ("avgpool2d", "adaptive_avgpool"):
+            if len(shape) != 3:
+                raise ConversionError(f"{where}: average pooling needs a (C, H, W) feature map")
+            if open_ is not None:
+                if open_.kind != "conv2d" or open_.pool is not None:
+                    raise ConversionError(f"{where}: average pooling before a ReLU folds only into "
+                                          "a convolution (without a max pool)")
+                open_.w, open_.stride = fold_pool_into_conv(open_.w, open_.b, open_.stride,
+                                                            open_.padding, open_.in_shift,
+                                                            open_.in_shape, op)
+            else:
+                pending.append(op)  # folds into the next weight layer
+        elif k == "reshape":
+            if op.out_shape == shape:
+                continue
+            if len(op.out_shape) != 1:
+                raise ConversionError(f"{where}: reshaping {shape} to {op.out_shape} is not a "
+                                      "flatten; only (B, -1) flattening is supported")
+            if open_ is not None:
+                raise ConversionError(f"{where}: Flatten between a weight layer and its ReLU is "
+                                      "not supported")
+            if len(a_shape) > 1 and not flat:
+                layers.append(Flatten())  # the stage itself is flattened for the dense layer
+                flat = True
+            if pending:
+                pending.append(op)  # folded: the dense weights act on the flattened stage
+            else:
+                a_shape = op.out_shape
+        else:  # pragma: no cover - read_ops only emits the kinds above
+            raise ConversionError(f"{where}: unknown operation {k}")
+        shape = op.out_shape
+
+    if open_ is None or open_.kind != "dense" or open_.pool is not None or pending:
+        last = ops[-1].where + ": " if ops else ""
+        raise ConversionError(f"{last}the model must end with a Linear readout layer (no ReLU "
+                              "after it: the readout is non-spiking and gives the logits, which "
+                              "may be negative, at t_max)")
+    readout = Readout(open_.w.shape[1], open_.w.shape[0]).double()
+    readout.weight.copy_(open_.w)
+    readout.bias.copy_(open_.b)
+    layers.append(readout)
+    return layers
 
 
 def _to_alpha1(net: TTFSNetwork, alpha: float) -> None:

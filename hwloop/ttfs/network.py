@@ -247,7 +247,9 @@ class TTFSNetwork(nn.Module):
                     conv.bias.copy_(b)
                     mods += [conv, nn.ReLU()]
                 elif isinstance(layer, SpikingMaxPool2d):
-                    if layer.sign is None or bool((layer.sign > 0).all()):
+                    if hasattr(layer, "relu_module"):  # padded / dilated pools know their twin
+                        mods.append(layer.relu_module())
+                    elif layer.sign is None or bool((layer.sign > 0).all()):
                         mods.append(nn.MaxPool2d(layer.kernel_size, layer.stride))
                     else:
                         mods.append(SignedMaxPool2d(layer.kernel_size, layer.stride, layer.sign))
