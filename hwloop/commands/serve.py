@@ -36,6 +36,10 @@ def register(subparsers) -> None:
     p.add_argument("--disconnect-after", type=int, default=None, metavar="N",
                    help="hang up when the N-th frame arrives")
     p.add_argument("--fault-seed", type=int, default=0, help="seed of the fault injector")
+    p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="S",
+                   help="close a link that sends nothing for S seconds (0: never; default 3600)")
+    p.add_argument("--max-connections", type=int, default=64, metavar="N",
+                   help="links open at once; more are closed at once (default 64)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow binding a non-loopback address (the link has no authentication)")
     p.set_defaults(func=run)
@@ -58,7 +62,8 @@ def run(args) -> int:
     try:
         serve(device, transport="tcp" if args.tcp else "pty", host=host, port=port,
               dialect=args.dialect, faults=faults, foreground=True,
-              allow_remote=args.allow_remote,
+              allow_remote=args.allow_remote, idle_timeout=args.idle_timeout,
+              max_connections=args.max_connections,
               announce=lambda line: print(line + "  (Ctrl-C stops)", flush=True))
     except (ValueError, OSError) as e:
         raise DeviceError(f"cannot serve: {e}") from e

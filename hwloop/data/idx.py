@@ -43,21 +43,41 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _MAX_ELEMENTS = 1 << 34
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, header_only: bool = False) -> tuple[bytes, bool]:
+    """The file's IDX bytes, and whether they were cut short after what the header declares
+    (then their length says nothing about how many trailing bytes the file has). A gzip file is decompressed header first, and then at most one
+    byte more than that header declares, so a small file that expands to gigabytes (a gzip
+    bomb) costs no more memory than the data it claims to hold."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            magic = f.read(2)
+            if magic != _GZIP_MAGIC:
+                if path.suffix == ".gz":
+                    raise DataError(f"{path} has a .gz suffix but is not gzip data (first bytes "
+                                    f"{(magic + f.read(2))!r})")
+                return magic + f.read(), False
+            f.seek(0)
+            try:
+                with gzip.GzipFile(fileobj=f) as gz:
+                    head = gz.read(4)
+                    if len(head) == 4 and head[:2] == b"\0\0":
+                        head += gz.read(4 * head[3])
+                    if header_only:
+                        return head, True
+                    try:
+                        dtype, shape, offset = _parse_header(head, path)
+                    except DataError:
+                        return head, True  # read_idx reports it
+                    count = 1
+                    for n in shape:
+                        count *= n
+                    return head + gz.read(count * dtype.itemsize + 1), True  # +1: trailing?
+            except (OSError, EOFError, zlib.error) as exc:
+                raise DataError(f"corrupt or truncated gzip file {path}: {exc}") from exc
     except FileNotFoundError as exc:
         raise DataError(f"IDX file not found: {path}") from exc
     except OSError as exc:
         raise DataError(f"cannot read IDX file {path}: {exc}") from exc
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(f"corrupt or truncated gzip file {path}: {exc}") from exc
-    if path.suffix == ".gz":
-        raise DataError(f"{path} has a .gz suffix but is not gzip data (first bytes {raw[:4]!r})")
-    return raw
 
 
 def _parse_header(data: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
@@ -91,7 +111,7 @@ def _parse_header(data: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], i
 def read_idx_header(path: str | os.PathLike) -> tuple[np.dtype, tuple[int, ...]]:
     """Return ``(dtype, shape)`` declared by the IDX file at ``path``."""
     path = Path(path)
-    dtype, shape, _ = _parse_header(_read_bytes(path), path)
+    dtype, shape, _ = _parse_header(_read_bytes(path, header_only=True)[0], path)
     return dtype, shape
 
 
@@ -101,7 +121,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     Raises :class:`DataError` on a missing, corrupt or truncated file, or trailing bytes.
     """
     path = Path(path)
-    data = _read_bytes(path)
+    data, bounded = _read_bytes(path)
     dtype, shape, offset = _parse_header(data, path)
     count = int(np.prod(shape, dtype=np.int64))
     expected = offset + count * dtype.itemsize
@@ -111,9 +131,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             f"({expected} bytes in all) but the file holds {len(data)} bytes"
         )
     if len(data) > expected:
+        extra = "" if bounded else f"{len(data) - expected} "
         raise DataError(
-            f"{path}: {len(data) - expected} unexpected trailing bytes after the IDX data "
-            f"(shape {shape})"
+            f"{path}: {extra}unexpected trailing bytes after the IDX data (shape {shape})"
         )
     arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     return arr.reshape(shape).astype(dtype.newbyteorder("="), copy=True)

@@ -114,9 +114,10 @@ class HostDevice(TTFSDevice):
         """The chip's self-description (JSON), its ``info`` taken."""
         try:
             doc = json.loads(doc_json)
-            self._info = DeviceInfo.model_validate(doc["info"])
+            info = DeviceInfo.model_validate(doc["info"])
         except (ValueError, KeyError, TypeError) as e:
             raise ProtocolError(f"{self._label}: bad {what}: {e}") from e
+        self._info = info
         return doc
 
     def _choose_formats(self, doc: dict, time_format: str) -> None:
@@ -133,6 +134,7 @@ class HostDevice(TTFSDevice):
             raise ValueError(f"time_format must be 'auto', 'f64' or 'ticks', got {time_format!r}")
         self.ratio = P.ticks_per_tau_c(self._info.tau_c_s, self._info.clock_period_s)
         features = doc.get("features", [])
+        self._features = list(features) if isinstance(features, list) else []
         self._sparse = self.sparse and isinstance(features, list) and \
             P.FEATURE_SPARSE in features
 

@@ -20,6 +20,7 @@ See ``docs/emulator.md`` for the circuit each knob belongs to.
 from __future__ import annotations
 
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -231,23 +232,77 @@ def _allowed(info: Any) -> str:
     return desc
 
 
+#: Most characters of an offending value an error message repeats.
+MAX_VALUE_CHARS = 200
+#: Most YAML nodes a profile may expand to (aliases included): a profile has a few dozen.
+MAX_YAML_NODES = 10_000
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
+
+
+def short_repr(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
+    """``repr(value)`` bounded in depth, items and characters (a value from a hostile file may
+    be huge, or a structure of aliases that is huge once expanded)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _expanded_nodes(node, limit: int) -> int:
+    """Nodes of a composed YAML document counting every alias as a full copy (memoised, so a
+    "billion laughs" document is measured without being expanded); stops past ``limit``."""
+    memo: dict[int, int] = {}
+
+    def size(n) -> int:
+        key = id(n)
+        if key in memo:
+            return memo[key]
+        memo[key] = limit + 1  # a cycle counts as too large
+        if isinstance(n, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total = 1 + sum(size(v) for v in n.value)
+        else:
+            total = 1
+        memo[key] = min(total, limit + 1)
+        return memo[key]
+
+    return size(node)
+
+
+def safe_load_bounded(text: str, source: str, max_nodes: int = MAX_YAML_NODES):
+    """``yaml.safe_load`` that refuses a document whose aliases expand beyond ``max_nodes``."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, max_nodes) > max_nodes:
+            raise ProfileError(f"device profile {source}: YAML aliases expand to more than "
+                               f"{max_nodes} nodes (an alias bomb?); refusing to load it")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _profile_error(exc: ValidationError, source: str) -> ProfileError:
     lines = []
     for err in exc.errors():
         loc = tuple(err.get("loc", ()))
         field = ".".join(str(p) for p in loc) or "<profile>"
-        value = err.get("input")
+        value = short_repr(err.get("input"))
         if err.get("type") == "extra_forbidden":
             parent = _field_info(loc[:-1]) if len(loc) > 1 else None
             model = parent.annotation if parent is not None else DeviceProfile
             allowed = sorted(getattr(model, "model_fields", {}))
-            lines.append(f"{field}: unknown field (value {value!r}); allowed fields: "
+            lines.append(f"{field}: unknown field (value {value}); allowed fields: "
                          f"{', '.join(allowed)}")
             continue
         if err.get("type") == "missing":
             lines.append(f"{field}: required field is missing; allowed: {_allowed(_field_info(loc))}")
             continue
-        lines.append(f"{field} = {value!r} is invalid: {err.get('msg')}; allowed: "
+        lines.append(f"{field} = {value} is invalid: {short_repr(err.get('msg'))}; allowed: "
                      f"{_allowed(_field_info(loc))}")
     return ProfileError(f"invalid device profile {source}: " + "; ".join(lines))
 
@@ -299,7 +354,7 @@ def load_profile(path: Union[str, os.PathLike]) -> DeviceProfile:
     """
     p = find_profile(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = safe_load_bounded(p.read_text(), str(p))
     except yaml.YAMLError as exc:
         raise ProfileError(f"device profile {p} is not valid YAML: {exc}") from None
     return validate_profile(data, str(p))

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import select
+import socket
 import time
 from typing import Any, Optional
 
@@ -49,6 +50,11 @@ def error_from_code(code: int, message: str, context: str) -> DeviceError:
         exc = DeviceError(text)
     exc.code = int(code)  # the chip's error code, for callers that branch on it
     return exc
+
+
+class _Resplit(Exception):
+    """A frame too large for the link's error rate was only ever NAKed: send it again in
+    smaller frames (internal to SerialDevice)."""
 
 
 class SerialDevice(HostDevice):
@@ -77,6 +83,17 @@ class SerialDevice(HostDevice):
         port: an already-open pyserial-like object (tests); ``url`` is then only a label.
         sparse: send changed weight codes as (index, code) pairs (WRITE_WEIGHTS_SPARSE) when
             the chip offers it and that is smaller than the changed dense chunks.
+        adaptive: adapt to the link (docs/protocol.md, "Adaptive timeouts and chunk sizes"):
+            the silence timeout follows the measured round trip (smoothed RTT + 4 x variance,
+            doubled on every silent retry, RFC 6298) between ``ack_timeout`` and
+            ``max_ack_timeout``; request and reply frames shrink when frames arrive damaged
+            (down to ``min_chunk_bytes``) and grow back to ``chunk_bytes`` /
+            ``reply_chunk_bytes`` on a clean link. False: fixed ``ack_timeout`` and sizes.
+        max_ack_timeout: upper bound of the adaptive silence timeout (default ``timeout``).
+        min_chunk_bytes: smallest frame payload the adaptation goes down to (default 128).
+        take_over: take control of the chip at once, even from another link (LOCK take-over);
+            by default this link takes control with its first command that changes the chip,
+            and gets a BUSY ``DeviceError`` naming the owner while another link has it.
     """
 
     def __init__(self, url: str, *, timeout: float = 2.0, retries: int = 5,
@@ -84,7 +101,9 @@ class SerialDevice(HostDevice):
                  per_sample_timeout_s: float = 0.01, chunk_bytes: int = 4096,
                  time_format: str = "auto", port: Any = None, verify: bool = True,
                  byte_rate: Optional[float] = None, ack_timeout: float = 0.05,
-                 reply_chunk_bytes: Optional[int] = None, sparse: bool = True):
+                 reply_chunk_bytes: Optional[int] = None, sparse: bool = True,
+                 take_over: bool = False, adaptive: bool = True,
+                 max_ack_timeout: Optional[float] = None, min_chunk_bytes: int = 128):
         self.url = url
         self._init_host(verify=verify, write_retries=write_retries, sparse=sparse,
                         health=HEALTH_KEYS + ("frames_tx", "frames_rx", "stale_frames",
@@ -96,6 +115,19 @@ class SerialDevice(HostDevice):
         self.reply_chunk_bytes = max(256, min(int(reply_chunk_bytes) if reply_chunk_bytes
                                               else min(self.chunk_bytes, 1024), P.MAX_PAYLOAD))
         self.ack_timeout = float(ack_timeout)
+        self.adaptive = bool(adaptive)
+        self.max_ack_timeout = max(float(max_ack_timeout) if max_ack_timeout else self.timeout,
+                                   self.ack_timeout)
+        self.max_chunk_bytes = self.chunk_bytes
+        self.max_reply_chunk_bytes = self.reply_chunk_bytes
+        self.min_chunk_bytes = max(64, min(int(min_chunk_bytes), self.reply_chunk_bytes,
+                                           self.chunk_bytes))
+        self._srtt: Optional[float] = None
+        self._rttvar = 0.0
+        self._rto = self.ack_timeout
+        self._err_bytes = float(self.ERR_PRIOR_BYTES)
+        self._err_frames = 0.0
+        self._in_hello = True  # no renegotiation inside the opening HELLO
         is_virtual = url.startswith(("socket://", "loop://", "rfc2217://")) or port is not None
         if byte_rate is not None:
             self._byte_rate = float(byte_rate) if byte_rate > 0 else None
@@ -121,6 +153,9 @@ class SerialDevice(HostDevice):
             self._port.reset_input_buffer()
             self._write(P.DELIMITER)  # end any partial frame the chip has buffered
             self._hello(time_format)
+            self._in_hello = False
+            if take_over:
+                self.lock(P.LockOp.TAKE_OVER)
         except BaseException:
             self.close()
             raise
@@ -188,9 +223,72 @@ class SerialDevice(HostDevice):
     def _xfer_time(self, nbytes: int) -> float:
         return 0.0 if self._byte_rate is None else nbytes / self._byte_rate
 
+    # -- link adaptation (docs/protocol.md, "Adaptive timeouts and chunk sizes") ---------------
+    #: Clean bytes the error estimate starts from, and the frames it decays over (it covers
+    #: about the last ERR_WINDOW_FRAMES frames, both directions).
+    ERR_PRIOR_BYTES = 32 * 1024
+    ERR_WINDOW_FRAMES = 256
+    #: Damaged frames needed before the chunk sizes change at all.
+    ERR_MIN_FRAMES = 4
+    #: Frame size at which a frame is damaged with probability about 1 - exp(-ERR_TARGET).
+    ERR_TARGET = 0.5
+
+    def _rtt_sample(self, r: float) -> None:
+        """RFC 6298: smoothed RTT and its variance; RTO = SRTT + max(G, 4 RTTVAR)."""
+        r = max(r, 0.0)
+        if self._srtt is None:
+            self._srtt, self._rttvar = r, r / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - r)
+            self._srtt = 0.875 * self._srtt + 0.125 * r
+        g = 0.01 + self._srtt / 4  # granularity: a shared host's scheduling jitter
+        self._rto = min(max(self._srtt + max(g, 4 * self._rttvar), self.ack_timeout),
+                        self.max_ack_timeout)
+        self.health["rto_ms"] = round(1000 * self._rto, 3)
+
+    def _observe(self, nbytes: int, damaged: int) -> None:
+        """One frame (either direction) of ``nbytes`` seen intact (0) or damaged (>= 1)."""
+        k = 1.0 - 1.0 / self.ERR_WINDOW_FRAMES  # forget old frames: grow back when clean
+        self._err_bytes = self._err_bytes * k + nbytes
+        self._err_frames = self._err_frames * k + damaged
+
+    def _target_chunk(self, current: int, most: int) -> int:
+        """The frame payload size for the error rate observed so far (shrinks at once, grows
+        back by at most 2x per decision)."""
+        if not self.adaptive or self._err_frames < self.ERR_MIN_FRAMES and current >= most:
+            return current
+        rate = self._err_frames / max(self._err_bytes, 1.0)
+        want = most if rate <= 0 else int(self.ERR_TARGET / rate)
+        want = max(self.min_chunk_bytes, min(most, want))
+        if want < 0.75 * current:
+            return want
+        if want > 1.5 * current or (want == most > current and
+                                    self.ERR_TARGET / max(rate, 1e-12) > 1.5 * current):
+            return min(want, 2 * current)
+        return current
+
+    def _adapt_chunks(self) -> None:
+        self.chunk_bytes = self._target_chunk(self.chunk_bytes, self.max_chunk_bytes)
+        self.health["chunk_bytes"] = self.chunk_bytes
+        want = self._target_chunk(self.reply_chunk_bytes, self.max_reply_chunk_bytes)
+        if want != self.reply_chunk_bytes and not self._in_hello:
+            # a new HELLO sets the chip's reply frame size (it changes nothing else)
+            self._in_hello = True
+            try:
+                self._transact(P.Cmd.HELLO, P.HELLO_REQ.pack(P.PROTOCOL_VERSION, want))
+                self.reply_chunk_bytes = want
+                self.health["reply_chunk_bytes"] = want
+            finally:
+                self._in_hello = False
+
     def _transact(self, cmd: int, payload: bytes = b"", flags: int = 0,
-                  extra_timeout: float = 0.0, expect_bytes: int = 0) -> tuple[int, bytes]:
+                  extra_timeout: float = 0.0, expect_bytes: int = 0,
+                  splittable: bool = False) -> tuple[int, bytes]:
         """Send one frame and return (reply flags, reply payload reassembled from chunks).
+
+        ``splittable``: the caller can send this payload again in smaller frames; when the
+        frame is larger than the observed error rate allows and the chip has only NAKed it
+        (so it cannot have executed it), :class:`_Resplit` is raised for the caller to do so.
 
         Recovery (docs/protocol.md, "Messages, chunks and retries"): the request is sent again,
         byte for byte, when the chip NAKs it, when nothing at all is heard for ``ack_timeout``,
@@ -201,21 +299,40 @@ class SerialDevice(HostDevice):
         """
         if self._closed:
             raise DeviceError(f"{self._ctx(cmd)}: device is closed")
+        st = {"sends": 0, "gap": 0.0, "naks": 0, "damaged": False}
+        try:
+            result = self._exchange(cmd, payload, flags, extra_timeout, expect_bytes,
+                                    splittable, st)
+        finally:
+            if self.adaptive:
+                self._adapt_chunks()
+        if self.adaptive and st["sends"] == 1:  # Karn: no sample from a resent request
+            self._rtt_sample(st["gap"])
+        return result
+
+    def _exchange(self, cmd: int, payload: bytes, flags: int, extra_timeout: float,
+                  expect_bytes: int, splittable: bool, st: dict) -> tuple[int, bytes]:
         seq = self._next_seq()
         wire = encode_frame(Frame(seq, int(cmd), int(flags), payload))
         long_t = self.timeout + extra_timeout + self._xfer_time(len(wire) + expect_bytes)
-        nudge_t = self.ack_timeout + self._xfer_time(len(wire))
-        if nudge_t >= long_t:
-            nudge_t = None  # the attempt timeout comes first anyway
+
+        def nudge_after() -> Optional[float]:
+            t = self._rto + self._xfer_time(len(wire))
+            return None if t >= long_t else t  # the attempt timeout comes first anyway
+
+        nudge_t = nudge_after()
+        # quiet time before asking again for a damaged or missing reply frame
+        idle_t = self.RESEND_IDLE_S if self._srtt is None else \
+            min(max(self.RESEND_IDLE_S, self._srtt + 4 * self._rttvar), self.max_ack_timeout)
         max_ask = max(1, min(P.MAX_RESEND, (self.chunk_bytes - P.RESEND_HDR.size) // 2))
         chunks: dict[int, bytes] = {}
         size = 0
         total: Optional[int] = None
         life = False  # the chip has shown that it holds this request (PENDING or a reply frame)
-        st = {"sends": 0}
+        last_sent = len(wire)
 
         def send(reason: str) -> None:
-            nonlocal heard, corrupt, round_last, round_max, last_io
+            nonlocal heard, corrupt, round_last, round_max, last_io, last_sent
             if total is not None or life:
                 if total is None:
                     ask = [0]  # the whole reply frame (or chunk 0, which names the total)
@@ -234,10 +351,12 @@ class SerialDevice(HostDevice):
                     ask = ask[:max_ask]
                 frame = encode_frame(Frame(seq, P.Cmd.RESEND, 0, P.resend_payload(ask)))
                 self._write(frame, cmd, seq)
+                last_sent = len(frame)
                 self.health["resends"] += 1
                 round_last = max(ask) if total is not None else None
             else:
                 self._write(wire, cmd, seq)
+                last_sent = len(wire)
                 if st["sends"]:
                     self.health["retries"] += 1
                 round_last = None if total is None else total - 1
@@ -260,26 +379,42 @@ class SerialDevice(HostDevice):
             if nudge_t is not None:
                 wake = min(wake, last_io + nudge_t)
             if corrupt or total is not None:
-                wake = min(wake, last_io + self.RESEND_IDLE_S)
+                wake = min(wake, last_io + idle_t)
             data = self._read_some(wake - now, cmd, seq)
             now = time.monotonic()
             nak = round_end = False
             if data:
+                gap = now - last_io
                 last_io = now
                 for ev in self._reader.feed(data):
                     if isinstance(ev, FrameFault):
                         # most likely a reply of ours, damaged (or our banner/garbage)
                         self.health["crc_errors" if ev.kind == "crc" else "resyncs"] += 1
                         corrupt = True
+                        st["damaged"] = True
+                        self._observe(self.reply_chunk_bytes + P.FRAME_OVERHEAD, 1)
                         continue
                     self.health["frames_rx"] += 1
+                    self._observe(len(ev.payload) + P.FRAME_OVERHEAD, 0)
                     if ev.cmd == P.Cmd.NAK and ev.is_reply and ev.version == P.PROTOCOL_VERSION:
                         self.health["naks"] += 1
                         nak = True
+                        if not heard:
+                            self._observe(last_sent, 1)  # our last frame arrived damaged
+                            st["naks"] += 1
                         continue
+                    if not ev.is_reply and ev.version == P.PROTOCOL_VERSION and ev.seq == seq \
+                            and ev.cmd == cmd:
+                        raise DeviceError(
+                            f"{self._ctx(cmd, seq)}: the link sends our own request back (a "
+                            "loopback such as loop:// or a looped cable): no chip answers on "
+                            f"{self.url}")
                     if not ev.is_reply or ev.seq != seq or ev.version != P.PROTOCOL_VERSION:
                         self.health["stale_frames"] += 1
                         continue
+                    st["gap"] = max(st["gap"], gap)  # the longest silence the chip kept
+                    if not heard:
+                        self._observe(last_sent, 0)  # our last frame arrived intact
                     heard = life = True
                     if ev.flags & P.Flag.PENDING and not ev.payload:
                         continue
@@ -316,13 +451,22 @@ class SerialDevice(HostDevice):
                     if idx == round_last:
                         round_end = True
             if nak and not heard:
+                if splittable and not life and not st["damaged"] and st["naks"] >= 2 and \
+                        len(payload) > self._target_chunk(self.chunk_bytes,
+                                                          self.max_chunk_bytes):
+                    # only NAKs so far: the chip has not executed it; send it in smaller frames
+                    self.health["resplits"] = self.health.get("resplits", 0) + 1
+                    raise _Resplit()
                 send("nak")  # our last frame arrived damaged: at once
             elif round_end:
                 send("round")  # the round is over; what is missing now is lost
-            elif (corrupt or total is not None) and now - last_io >= self.RESEND_IDLE_S:
+            elif (corrupt or total is not None) and now - last_io >= idle_t:
                 send("quiet")
             elif nudge_t is not None and now - last_io >= nudge_t:
                 self.health["nudges"] += 1
+                if self.adaptive and not heard:  # RFC 6298 back-off
+                    self._rto = min(2 * self._rto, self.max_ack_timeout)
+                    nudge_t = nudge_after()
                 send("nudge")  # nothing at all: the request (or RESEND) was lost
             elif now >= deadline:
                 if not corrupt:
@@ -337,15 +481,26 @@ class SerialDevice(HostDevice):
 
     def _send(self, cmd: int, payload: bytes, flags: int = 0, extra_timeout: float = 0.0,
               expect_bytes: int = 0) -> bytes:
-        """Send a message, chunked over several frames when larger than ``chunk_bytes``."""
-        if len(payload) <= self.chunk_bytes:
-            return self._transact(cmd, payload, flags, extra_timeout, expect_bytes)[1]
-        parts = split_chunks(payload, self.chunk_bytes - P.CHUNK_HEADER.size)
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            reply = self._transact(cmd, part, flags | P.Flag.CHUNKED,
-                                   extra_timeout if last else 0.0, expect_bytes if last else 0)[1]
-        return reply
+        """Send a message, chunked over several frames when larger than ``chunk_bytes``. When
+        the link's error rate calls for smaller frames mid-message, the message starts over
+        (a new chunk 0) in smaller chunks; the chip has executed none of it."""
+        for attempt in range(32):
+            splittable = attempt < 31
+            try:
+                if len(payload) <= self.chunk_bytes:
+                    return self._transact(cmd, payload, flags, extra_timeout, expect_bytes,
+                                          splittable=splittable)[1]
+                parts = split_chunks(payload, self.chunk_bytes - P.CHUNK_HEADER.size)
+                for i, part in enumerate(parts):
+                    last = i == len(parts) - 1
+                    reply = self._transact(cmd, part, flags | P.Flag.CHUNKED,
+                                           extra_timeout if last else 0.0,
+                                           expect_bytes if last else 0,
+                                           splittable=splittable)[1]
+                return reply
+            except _Resplit:
+                continue
+        raise AssertionError("unreachable")  # the last attempt does not resplit
 
     # -- session ---------------------------------------------------------------------------------
     def _hello(self, time_format: str) -> None:
@@ -387,25 +542,48 @@ class SerialDevice(HostDevice):
     def _code_bytes(self, wide: bool) -> int:
         return P.code_dtype(wide).itemsize
 
+    def _pieces(self, ranges: list[tuple[int, int]], per_piece, send_piece) -> None:
+        """Send the index ranges in pieces of ``per_piece()`` items (the current frame size);
+        ``send_piece(a, b, last)`` sends one. A piece the link's error rate turns out too large
+        for (:class:`_Resplit`) is sent again in smaller pieces: partial writes are staged on
+        the chip and applied on the last (COMMIT), so sending a range again is harmless."""
+        work = list(reversed(ranges))
+        resplits = 0
+        while work:
+            a, b = work.pop()
+            e = min(b, a + max(1, per_piece()))
+            last = not work and e == b
+            try:
+                send_piece(a, e, last, resplits < 64)
+            except _Resplit:
+                resplits += 1
+                work.append((a, b))
+                continue
+            if e < b:
+                work.append((e, b))
+
     def _send_weights(self, layer: int, flat: np.ndarray, scale: float, wide: bool,
                       todo: list[int], step: int, sparse: Optional[np.ndarray]) -> None:
         dt = P.code_dtype(wide)
         flags = P.Flag.WIDE if wide else 0
         if sparse is not None:
-            per = (self.chunk_bytes - P.WRITE_WEIGHTS_SPARSE_HDR.size) // (4 + dt.itemsize)
-            pieces = range(0, sparse.size, per)
-            for i, s in enumerate(pieces):
-                idx = sparse[s:s + per]
-                commit = P.Flag.COMMIT if i == len(pieces) - 1 else 0
+            def piece(a: int, b: int, last: bool, splittable: bool) -> None:
+                idx = sparse[a:b]
                 self._transact(P.Cmd.WRITE_WEIGHTS_SPARSE,
-                               P.encode_sparse(layer, idx, flat[idx], scale, wide), flags | commit)
+                               P.encode_sparse(layer, idx, flat[idx], scale, wide),
+                               flags | (P.Flag.COMMIT if last else 0), splittable=splittable)
+
+            self._pieces([(0, sparse.size)], lambda: (self.chunk_bytes - P.WRITE_WEIGHTS_SPARSE_HDR
+                                                      .size) // (4 + dt.itemsize), piece)
         else:
-            for i, s in enumerate(todo):
-                part = flat[s:s + step]
-                payload = P.WRITE_WEIGHTS_HDR.pack(layer, s, part.size, scale) + \
-                    part.astype(dt).tobytes()
-                commit = P.Flag.COMMIT if i == len(todo) - 1 else 0
-                self._transact(P.Cmd.WRITE_WEIGHTS, payload, flags | commit)
+            def piece(a: int, b: int, last: bool, splittable: bool) -> None:
+                payload = P.WRITE_WEIGHTS_HDR.pack(layer, a, b - a, scale) + \
+                    flat[a:b].astype(dt).tobytes()
+                self._transact(P.Cmd.WRITE_WEIGHTS, payload,
+                               flags | (P.Flag.COMMIT if last else 0), splittable=splittable)
+
+            self._pieces([(s, min(s + step, flat.size)) for s in todo],
+                         lambda: self._weight_step(wide), piece)
 
     def _weights_crc(self, layer: int) -> tuple[int, float, int]:
         return P.WEIGHTS_CRC_REPLY.unpack(
@@ -416,12 +594,13 @@ class SerialDevice(HostDevice):
 
     def _send_thresholds(self, layer: int, flat: np.ndarray, todo: list[int],
                          step: int) -> None:
-        for i, s in enumerate(todo):
-            part = flat[s:s + step]
-            payload = P.WRITE_THRESHOLDS_HDR.pack(layer, s, part.size) + \
-                part.astype(P.DT_F64).tobytes()
-            commit = P.Flag.COMMIT if i == len(todo) - 1 else 0
-            self._transact(P.Cmd.WRITE_THRESHOLDS, payload, commit)
+        def piece(a: int, b: int, last: bool, splittable: bool) -> None:
+            payload = P.WRITE_THRESHOLDS_HDR.pack(layer, a, b - a) + \
+                flat[a:b].astype(P.DT_F64).tobytes()
+            self._transact(P.Cmd.WRITE_THRESHOLDS, payload, P.Flag.COMMIT if last else 0,
+                           splittable=splittable)
+
+        self._pieces([(s, min(s + step, flat.size)) for s in todo], self._threshold_step, piece)
 
     def _read_thr_flat(self, layer: int, n: int) -> np.ndarray:
         step = (P.MAX_MESSAGE - P.COUNT.size) // 8  # the chip splits the reply into frames
@@ -443,6 +622,14 @@ class SerialDevice(HostDevice):
                           extra_timeout=self.per_sample_timeout_s * b, expect_bytes=expect)
 
     # -- commands of the frame dialect -----------------------------------------------------------
+    def lock(self, op: int = P.LockOp.QUERY) -> dict:
+        """Control of the chip (LOCK): ``{"owner": address or None, "you": bool}`` after
+        ``op`` (QUERY, REQUEST: BUSY DeviceError while another link has it, RELEASE,
+        TAKE_OVER)."""
+        if P.FEATURE_LOCK not in self._features:
+            raise DeviceError(f"{self._ctx(P.Cmd.LOCK)}: the chip has no LOCK command")
+        return json.loads(self._transact(P.Cmd.LOCK, P.LOCK_PAYLOAD.pack(int(op)))[1])
+
     def seed_noise(self, seed: int) -> None:
         """Reseed the chip's random jitter (SEED_NOISE); a chip that cannot (UNSUPPORTED or an
         older firmware without the command) ignores it, as the contract allows."""
@@ -480,7 +667,22 @@ class SerialDevice(HostDevice):
         if self._closed:
             return
         self._closed = True
+        port = self._port
+        sock = getattr(port, "_socket", None)
+        if type(port).__module__ == "serial.urlhandler.protocol_socket" and sock is not None:
+            # what pyserial's close does, without its 0.3 s sleep "for quick reconnects"
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                sock.close()
+            except OSError:
+                pass
+            port._socket = None
+            port.is_open = False
+            return
         try:
-            self._port.close()
+            port.close()
         except Exception:
             pass

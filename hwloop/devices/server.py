@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import ipaddress
 import logging
 import math
@@ -58,8 +59,29 @@ class ChipError(Exception):
         self.message = message
 
 
+class Peer:
+    """Who is on the other end of a session: a name for messages (the client's address) and a
+    way to tell whether that link is still there (``alive``)."""
+
+    def __init__(self, name: str, alive: Optional[Callable[[], bool]] = None):
+        self.name = name
+        self._alive = alive
+
+    def alive(self) -> bool:
+        if self._alive is None:
+            return True
+        try:
+            return bool(self._alive())
+        except Exception:
+            return False
+
+    def __repr__(self) -> str:
+        return f"Peer({self.name!r})"
+
+
 class ChipCore:
-    """Wraps a TTFSDevice with the chip's wire-level state: staged partial writes, tick ratio."""
+    """Wraps a TTFSDevice with the chip's wire-level state: staged partial writes, tick ratio,
+    and which link controls the chip (:meth:`claim`; docs/protocol.md, "Ownership")."""
 
     def __init__(self, device: TTFSDevice):
         self.device = device
@@ -71,7 +93,59 @@ class ChipCore:
         self._stage_t: dict[int, np.ndarray] = {}
         self.runs = 0
         self.time_formats = [P.TIME_TICKS, P.TIME_F64]
-        self.features = [P.FEATURE_SPARSE]
+        self.features = [P.FEATURE_SPARSE, P.FEATURE_LOCK]
+        self.owner: Optional[Peer] = None
+        self._owner_lock = threading.Lock()
+
+    # -- ownership: one controlling link at a time -----------------------------------------------
+    @staticmethod
+    def busy_message(owner: Peer) -> str:
+        return (f"chip busy: it is controlled by {owner.name}; this link may only query "
+                "(identity, status, reads) until that link closes or releases it "
+                "(take over with SerialDevice/VisaDevice take_over=True: LOCK take-over, "
+                "SCPI HWL:LOCK:TAKE)")
+
+    def _set_owner(self, peer: Optional[Peer], text: str, level: int = logging.INFO) -> None:
+        self.owner = peer
+        with self.lock:  # another link's staged partial writes must never be committed
+            self._stage_w.clear()
+            self._stage_t.clear()
+        log.log(level, "virtual chip: %s", text)
+
+    def claim(self, peer: Peer) -> None:
+        """Give ``peer`` control when nobody (alive) has it; ChipError(BUSY) naming the owner
+        otherwise."""
+        with self._owner_lock:
+            cur = self.owner
+            if cur is peer:
+                return
+            if cur is not None and cur.alive():
+                raise ChipError(P.Err.BUSY, self.busy_message(cur))
+            self._set_owner(peer, f"{peer.name} took control of the chip" +
+                            (f" ({cur.name} is gone)" if cur is not None else ""))
+
+    def release(self, peer: Peer, why: str = "released the chip") -> bool:
+        with self._owner_lock:
+            if self.owner is not peer:
+                return False
+            self._set_owner(None, f"{peer.name} {why}")
+            return True
+
+    def take_over(self, peer: Peer) -> None:
+        with self._owner_lock:
+            cur = self.owner
+            if cur is peer:
+                return
+            if cur is None:
+                self._set_owner(peer, f"{peer.name} took control of the chip")
+            else:
+                self._set_owner(peer, f"{peer.name} took over the chip from {cur.name}",
+                                logging.WARNING)
+
+    def lock_state(self, peer: Peer) -> dict:
+        with self._owner_lock:
+            cur = self.owner
+            return {"owner": None if cur is None else cur.name, "you": cur is peer}
 
     # -- helpers ---------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable, *args):
@@ -106,7 +180,9 @@ class ChipCore:
 
     # -- operations ------------------------------------------------------------------------------
     def hello(self) -> dict:
-        return P.hello_json(self.info.model_dump(mode="json"), self.time_formats, self.features)
+        info = self.info.model_dump(mode="json")
+        info["protocol_version"] = P.PROTOCOL_VERSION  # what this link speaks (provenance)
+        return P.hello_json(info, self.time_formats, self.features)
 
     def seed_noise(self, seed: int) -> None:
         with self.lock:
@@ -253,11 +329,19 @@ class ChipCore:
 class FrameSession:
     """One connection of the frame dialect: reassembly, reply cache, dispatch."""
 
-    def __init__(self, core: ChipCore, cache_size: int = 16):
+    #: Bytes of encoded reply frames the reply cache may hold (the newest reply is always kept,
+    #: however large, so that it can be asked for again).
+    CACHE_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, core: ChipCore, cache_size: int = 16, peer: Optional[Peer] = None,
+                 cache_bytes: Optional[int] = None):
         self.core = core
+        self.peer = peer or Peer("an in-process session")
         self.reader = FrameReader()
         self.cache: "collections.OrderedDict[tuple, list[bytes]]" = collections.OrderedDict()
         self.cache_size = cache_size
+        self.cache_bytes = self.CACHE_BYTES if cache_bytes is None else int(cache_bytes)
+        self._cache_nbytes = 0
         self.assembly: Optional[tuple[int, ChunkAssembler]] = None
         self.reply_payload = P.MAX_PAYLOAD
         self.by_seq: dict[int, tuple] = {}  # seq -> cache key of its latest request (RESEND)
@@ -283,12 +367,23 @@ class FrameSession:
             return hit
         replies = self._process(frame, busy)
         self.cache[key] = replies
+        self._cache_nbytes += sum(len(r) for r in replies)
         self.by_seq[frame.seq] = key
-        while len(self.cache) > self.cache_size:
-            old, _ = self.cache.popitem(last=False)
+        while len(self.cache) > self.cache_size or \
+                (self._cache_nbytes > self.cache_bytes and len(self.cache) > 1):
+            old, frames = self.cache.popitem(last=False)
+            self._cache_nbytes -= sum(len(r) for r in frames)
             if self.by_seq.get(old[0]) == old:
                 del self.by_seq[old[0]]
         return replies
+
+    def close(self) -> None:
+        """Drop what the session holds (reply cache, half-received message)."""
+        self.cache.clear()
+        self.by_seq.clear()
+        self._cache_nbytes = 0
+        self.assembly = None
+        self.reader = FrameReader()
 
     def _resend(self, frame: Frame) -> list[bytes]:
         """RESEND: the named chunks of the cached reply to ``frame.seq`` (the whole reply when it
@@ -329,6 +424,8 @@ class FrameSession:
                                                    f"supported; chip speaks {P.PROTOCOL_VERSION}")
         payload = frame.payload
         try:
+            if cmd in P.CONTROL_COMMANDS:
+                self.core.claim(self.peer)  # BUSY while another link controls the chip
             if frame.flags & P.Flag.CHUNKED:
                 if len(payload) < P.CHUNK_HEADER.size:
                     raise ProtocolError("chunk shorter than its header")
@@ -372,6 +469,19 @@ class FrameSession:
                 self.reply_payload = (min(max(int(want), 64), P.MAX_PAYLOAD) if want
                                       else P.MAX_PAYLOAD)
             return P.HELLO_REPLY.pack(P.PROTOCOL_VERSION) + P.dumps(core.hello())
+        if cmd == P.Cmd.LOCK:
+            if P.FEATURE_LOCK not in core.features:
+                raise ChipError(P.Err.UNKNOWN_COMMAND, f"unknown command 0x{cmd:02x}")
+            (op,) = P.LOCK_PAYLOAD.unpack(payload)
+            if op == P.LockOp.REQUEST:
+                core.claim(self.peer)
+            elif op == P.LockOp.RELEASE:
+                core.release(self.peer)
+            elif op == P.LockOp.TAKE_OVER:
+                core.take_over(self.peer)
+            elif op != P.LockOp.QUERY:
+                raise ValueError(f"LOCK op {op} is not one of 0..3")
+            return P.dumps(core.lock_state(self.peer))
         if cmd == P.Cmd.PROGRAM:
             core.program(payload)
             return b""
@@ -446,28 +556,80 @@ def _block(data: bytes) -> bytes:
 
 
 class ScpiSession:
-    """One connection of the SCPI dialect: a bounded parser, dispatch and the error queue."""
+    """One connection of the SCPI dialect: a bounded parser, dispatch, the error queue and the
+    IEEE 488.2 status registers.
+
+    A line (``\\n``) is one program message; ``;`` separates its units. Headers are resolved
+    by :func:`protocol.scpi_resolve` from :data:`protocol.SCPI_TABLE` (short and long forms,
+    optional nodes, any case, a leading ``:``, paths relative to the previous unit). The
+    responses of the queries of one message travel as one line, joined by ``;``.
+    """
 
     BLOCK_QUERIES = ("HWL:WEIG?", "HWL:THR?", "HWL:RUN?")
 
-    def __init__(self, core: ChipCore):
+    def __init__(self, core: ChipCore, peer: Optional[Peer] = None):
         self.core = core
+        self.peer = peer or Peer("an in-process session")
         self.buf = bytearray()
         self.skip = 0
         self.discard_line = False
         self.errors: collections.deque = collections.deque()
         self.f64 = False
+        self.esr = 0  # standard event status register
+        self.ese = 0  # its enable mask
+        self.sre = 0  # service request enable mask
         self.stats = {"commands": 0, "errors": 0}
+        self._path: tuple = ()  # the current header path inside a program message
+        self._parts: list[bytes] = []  # responses of this message's queries
+        self._skip_rest = False  # a header error: the rest of the message is not executed
+
+    def close(self) -> None:
+        self.buf = bytearray()
+        self.skip = 0
+        self._parts = []
 
     def push_error(self, code: int, message: str) -> None:
         self.stats["errors"] += 1
+        self.esr |= P.esr_bit_for(int(code))
         if len(self.errors) >= P.SCPI_ERROR_QUEUE_LEN:
             self.errors[-1] = (P.SCPI_QUEUE_OVERFLOW, "Queue overflow")
             return
         self.errors.append((int(code), message.replace('"', "'").replace("\n", " ")))
 
+    def stb(self) -> int:
+        """The status byte: EAV (error queue), MAV (a response of this message waits), ESB,
+        MSS."""
+        v = (P.STB_EAV if self.errors else 0) | (P.STB_MAV if any(self._parts) else 0) | \
+            (P.STB_ESB if self.esr & self.ese else 0)
+        return v | (P.STB_MSS if v & self.sre & ~P.STB_MSS else 0)
+
+    def _end_message(self, out: list[bytes]) -> None:
+        if self._parts:
+            out.append(b";".join(self._parts) + P.SCPI_TERM.encode())
+        self._parts = []
+        self._path = ()
+        self._skip_rest = False
+
+    def _units(self, text: bytes, block: Optional[bytes]) -> int:
+        """Execute the units of ``text`` (the last one gets ``block``); returns their count."""
+        try:
+            s = text.decode("ascii")
+        except UnicodeDecodeError:
+            self.push_error(P.SCPI_SYNTAX_ERROR, "Syntax error; non-ASCII header")
+            self._skip_rest = True
+            return 1
+        units = P.scpi_split_units(s)
+        n = 0
+        for i, u in enumerate(units):
+            last = i == len(units) - 1
+            if not u.strip() and not (last and block is not None):
+                continue
+            n += 1
+            self.dispatch(u.encode("ascii"), block if last else None)
+        return n
+
     def feed(self, data: bytes) -> tuple[list[bytes], int]:
-        """Returns (responses, number of complete commands seen)."""
+        """Returns (responses, number of complete message units seen)."""
         self.buf += data
         out: list[bytes] = []
         ncmd = 0
@@ -485,6 +647,7 @@ class ScpiSession:
                     break
                 del self.buf[:nl + 1]
                 self.discard_line = False
+                self._end_message(out)
             nl = self.buf.find(b"\n")
             hs = self.buf.find(b"#")
             if hs >= 0 and (nl < 0 or hs < nl):
@@ -499,6 +662,7 @@ class ScpiSession:
                 if not 1 <= nd <= 9:
                     self.push_error(P.SCPI_BLOCK_DATA_ERROR,
                                     "Block data error; only definite-length blocks #1-#9")
+                    self._fail_block_unit(bytes(self.buf[:hs]))
                     del self.buf[:hs + 2]
                     self.discard_line = True
                     continue
@@ -507,6 +671,7 @@ class ScpiSession:
                 digits = bytes(self.buf[hs + 2:hs + 2 + nd])
                 if not digits.isdigit():
                     self.push_error(P.SCPI_BLOCK_DATA_ERROR, "Block data error; bad length digits")
+                    self._fail_block_unit(bytes(self.buf[:hs]))
                     del self.buf[:hs + 2 + nd]
                     self.discard_line = True
                     continue
@@ -516,6 +681,7 @@ class ScpiSession:
                     self.push_error(P.SCPI_TOO_MUCH_DATA,
                                     f"Too much data; block of {length} > {P.SCPI_MAX_BLOCK}")
                     ncmd += 1
+                    self._fail_block_unit(bytes(self.buf[:hs]))
                     del self.buf[:start]
                     self.skip = length
                     continue
@@ -524,22 +690,20 @@ class ScpiSession:
                     break
                 text = bytes(self.buf[:hs])
                 block = bytes(self.buf[start:end])
-                tail = 1 if self.buf[end] == 0x0A else 0
-                del self.buf[:end + tail]
-                if not tail:
+                tail = self.buf[end]
+                del self.buf[:end + (1 if tail in (0x0A, 0x3B) else 0)]
+                ncmd += self._units(text, block)
+                if tail == 0x3B:  # ';': the program message goes on
+                    continue
+                if tail != 0x0A:
                     self.discard_line = True
-                ncmd += 1
-                r = self.dispatch(text, block)
-                if r is not None:
-                    out.append(r)
+                    continue
+                self._end_message(out)
             elif nl >= 0:
                 text = bytes(self.buf[:nl])
                 del self.buf[:nl + 1]
-                if text.strip():
-                    ncmd += 1
-                    r = self.dispatch(text, None)
-                    if r is not None:
-                        out.append(r)
+                ncmd += self._units(text, None)
+                self._end_message(out)
             else:
                 if len(self.buf) > P.SCPI_MAX_LINE:
                     self.push_error(P.SCPI_SYNTAX_ERROR, "Program message too long")
@@ -548,28 +712,74 @@ class ScpiSession:
                 break
         return out, ncmd
 
-    def dispatch(self, text: bytes, block: Optional[bytes]) -> Optional[bytes]:
+    def _fail_block_unit(self, text: bytes) -> None:
+        """A unit whose block was refused: the units before it run, it answers empty."""
+        try:
+            units = P.scpi_split_units(text.decode("ascii"))
+        except UnicodeDecodeError:
+            units = [""]
+        for u in units[:-1]:
+            if u.strip():
+                self.dispatch(u.encode("ascii"), None)
+        head = units[-1].strip().split(None, 1)[0] if units[-1].strip() else ""
+        if head.endswith("?"):
+            try:
+                key = P.scpi_resolve(head, self._path)[0].key
+            except P.ScpiHeaderError:
+                key = head.upper()
+            self._parts.append(b"#10" if key in self.BLOCK_QUERIES else b"")
+        self._skip_rest = True
+
+    def dispatch(self, text: bytes, block: Optional[bytes]) -> None:
+        """Execute one program message unit; a query adds its response (empty when it failed)
+        to the message's responses."""
+        s = text.decode("ascii", "replace").strip()
+        parts = s.split(None, 1)
+        head = parts[0] if parts else ""
+        rest = parts[1] if len(parts) > 1 else ""
+        is_query = head.endswith("?")
+        if self._skip_rest:
+            if is_query:
+                self._parts.append(b"")
+            return
         self.stats["commands"] += 1
         try:
-            s = text.decode("ascii").strip()
-        except UnicodeDecodeError:
-            self.push_error(P.SCPI_SYNTAX_ERROR, "Syntax error; non-ASCII header")
-            return None
-        head, _, rest = s.partition(" ")
-        head = head.upper()
+            entry, self._path = P.scpi_resolve(head, self._path)
+        except P.ScpiHeaderError as e:
+            self.push_error(e.code, str(e))
+            self._skip_rest = True  # IEEE 488.2: the rest of the message is not executed
+            if is_query:
+                self._parts.append(b"")
+            return
+        key = entry.key
         args = [a.strip() for a in rest.split(",")]
         while args and args[-1] == "":
             args.pop()
-        is_query = head.endswith("?")
+        r = None
         try:
-            return self._command(head, args, block)
+            if key in P.SCPI_CONTROL:
+                self.core.claim(self.peer)  # BUSY while another link controls the chip
+            r = self._command(key, args, block)
         except ChipError as e:
-            self.push_error(e.code, f"{head}: {e.message}")
+            self.push_error(e.code, f"{key}: {e.message}")
         except (ValueError, IndexError, struct.error) as e:
-            self.push_error(P.SCPI_DATA_TYPE_ERROR, f"{head}: bad arguments: {e}")
-        if is_query:  # a failed query answers an empty response so the host does not wait
-            return b"#10\n" if head in self.BLOCK_QUERIES else b"\n"
-        return None
+            self.push_error(P.SCPI_DATA_TYPE_ERROR, f"{key}: bad arguments: {e}")
+        if entry.query:
+            if r is None:  # a failed query answers an empty response so the host does not wait
+                r = b"#10" if key in self.BLOCK_QUERIES else b""
+            elif r.endswith(b"\n"):
+                r = r[:-1]
+            self._parts.append(r)
+
+    @staticmethod
+    def _mask(args: list[str], what: str) -> int:
+        if len(args) != 1:
+            raise ValueError(f"{what} takes one number 0..255")
+        v = float(args[0])
+        if v != int(v) or not 0 <= v <= 255:
+            raise ChipError(P.SCPI_DATA_OUT_OF_RANGE, f"Data out of range; {what} {args[0]} "
+                                                      "outside 0..255")
+        return int(v)
 
     def _need_block(self, head: str, block: Optional[bytes]) -> bytes:
         if block is None:
@@ -592,12 +802,67 @@ class ScpiSession:
             return None
         if head == "*CLS":
             self.errors.clear()
+            self.esr = 0
             return None
-        if head in ("SYST:ERR?", "SYSTEM:ERROR?", "SYST:ERR:NEXT?"):
+        if head == "*OPC":  # commands execute in order: every one before this is done
+            self.esr |= P.ESR_OPC
+            return None
+        if head == "*OPC?":
+            return text("1")
+        if head == "*WAI":
+            return None
+        if head == "*ESR?":
+            v, self.esr = self.esr, 0
+            return text(str(v))
+        if head == "*ESE":
+            self.ese = self._mask(args, "*ESE")
+            return None
+        if head == "*ESE?":
+            return text(str(self.ese))
+        if head == "*STB?":
+            return text(str(self.stb()))
+        if head == "*SRE":
+            self.sre = self._mask(args, "*SRE") & ~P.STB_MSS
+            return None
+        if head == "*SRE?":
+            return text(str(self.sre))
+        if head == "*TST?":  # the self-test: the device answers for itself
+            try:
+                core.device.info()
+                core.status()
+                return text("0")
+            except Exception:
+                return text("1")
+        if head == "SYST:ERR?":
             if not self.errors:
                 return text('0,"No error"')
             code, msg = self.errors.popleft()
             return text(f'{code},"{msg}"')
+        if head == "SYST:ERR:ALL?":
+            if not self.errors:
+                return text('0,"No error"')
+            items = [f'{c},"{m}"' for c, m in self.errors]
+            self.errors.clear()
+            return text(",".join(items))
+        if head == "SYST:ERR:COUN?":
+            return text(str(len(self.errors)))
+        if head == "SYST:VERS?":
+            return text(P.SCPI_VERSION)
+        if head == "SYST:LOCK:REQ?":
+            try:
+                core.claim(self.peer)
+                return text("1")
+            except ChipError:
+                return text("0")
+        if head == "SYST:LOCK:REL":
+            core.release(self.peer)
+            return None
+        if head == "SYST:LOCK:OWN?":
+            owner = core.lock_state(self.peer)["owner"]
+            return text('"' + (owner or "NONE").replace('"', "'") + '"')
+        if head == "HWL:LOCK:TAKE":
+            core.take_over(self.peer)
+            return None
         if head == "HWL:ECHO?":  # the host's resynchronisation marker (VisaDevice._resync)
             token = args[0] if len(args) == 1 else ""
             if not (0 < len(token) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_.")
@@ -780,6 +1045,21 @@ class _Conn:
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else self.fd
 
+    def alive(self) -> bool:
+        """False once the link is closed or the peer has hung up (a peek, consumes nothing;
+        safe from another thread)."""
+        if self.closed or self.eof:
+            return False
+        if self.sock is None:
+            return True
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        return bool(data)
+
     def _read_now(self) -> Optional[bytes]:
         try:
             data = self.sock.recv(65536) if self.sock is not None else os.read(self.fd, 65536)
@@ -859,7 +1139,9 @@ class _Conn:
 
 def _serve_conn(conn: _Conn, core: ChipCore, dialect: str, faults: _Faults,
                 stop: threading.Event, stats: dict, on_session: Callable,
-                name: str = "link") -> None:
+                name: str = "link", peer: Optional[Peer] = None,
+                idle_timeout: Optional[float] = None,
+                on_close: Optional[Callable] = None) -> None:
     """Serve one link until the peer hangs up, the chip stops or a fault closes it.
 
     Whatever arrives, damaged or not, is answered (NAK, ERROR) or ignored; the link is only
@@ -868,10 +1150,11 @@ def _serve_conn(conn: _Conn, core: ChipCore, dialect: str, faults: _Faults,
     """
     cfg = faults.cfg
     nrx = 0
+    peer = peer or Peer(name, conn.alive)
     if dialect == "frame":
-        session = FrameSession(core)
+        session = FrameSession(core, peer=peer)
     else:
-        session = ScpiSession(core)
+        session = ScpiSession(core, peer=peer)
     on_session(session)
     send_lock = threading.Lock()
 
@@ -920,14 +1203,19 @@ def _serve_conn(conn: _Conn, core: ChipCore, dialect: str, faults: _Faults,
 
     reason, level = "the chip stopped", logging.INFO
     gone = "the link failed while sending a reply (peer hung up?)"
+    last_rx = time.monotonic()
     try:
         while not stop.is_set():
-            data = conn.recv(0.05)
+            data = conn.recv(0.25)
             if data is None:
                 reason = "the peer hung up" if not conn.closed else "the link was closed"
                 break
             if not data:
+                if idle_timeout and time.monotonic() - last_rx > idle_timeout:
+                    reason = f"idle for more than idle_timeout={idle_timeout:g} s"
+                    break
                 continue
+            last_rx = time.monotonic()
             stats["bytes_rx"] += len(data)
             if dialect == "frame":
                 for ev in session.reader.feed(faults.flip(data)):
@@ -971,7 +1259,20 @@ def _serve_conn(conn: _Conn, core: ChipCore, dialect: str, faults: _Faults,
         raise
     finally:
         conn.close()
+        core.release(peer, "closed its link: the chip is free")
+        session.close()
         log.log(level, "virtual chip %s: closed the link: %s", name, reason)
+        if on_close is not None:
+            on_close(session)
+
+
+def _open_spare() -> Optional[int]:
+    """A descriptor held in reserve, so that an accept loop out of descriptors can still take
+    (and close) a waiting connection."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -983,22 +1284,63 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class VirtualChip:
-    """A running virtual chip. ``url`` opens it with :func:`hwloop.devices.open.open_device`."""
+def _format_addr(addr) -> str:
+    """``host:port`` (``[v6]:port``) of a socket address."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
 
-    def __init__(self, device: TTFSDevice, transport: str, dialect: str, faults: FaultConfig):
+
+_LIBC = None
+
+
+def _trim_memory() -> None:
+    """Give freed memory back to the OS after a link closes (glibc keeps large freed blocks in
+    its heap otherwise, so a server's RSS would only ever grow)."""
+    global _LIBC
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if _LIBC is None:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):
+        _LIBC = False
+
+
+class VirtualChip:
+    """A running virtual chip. ``url`` opens it with :func:`hwloop.devices.open.open_device`.
+
+    Every link gets its own session (reply cache, half-received message, error queue, thread);
+    all of it is freed when the link closes. ``sessions`` lists the open links' sessions,
+    ``fault_stats`` the fault counters of the last 256 links.
+    """
+
+    #: Connections beyond ``max_connections`` are accepted and closed at once (logged).
+    MAX_CONNECTIONS = 64
+    #: A link that sends nothing for this long is closed (None: never).
+    IDLE_TIMEOUT_S = 3600.0
+
+    def __init__(self, device: TTFSDevice, transport: str, dialect: str, faults: FaultConfig,
+                 idle_timeout: Optional[float] = IDLE_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS):
         self.core = ChipCore(device)
         self.transport = transport
         self.dialect = dialect
         self.faults = faults
+        self.idle_timeout = idle_timeout if idle_timeout and idle_timeout > 0 else None
+        self.max_connections = max(1, int(max_connections))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._conns: list[_Conn] = []
         self._lock = threading.Lock()
         self.sessions: list = []
-        self.fault_stats: list[dict] = []
+        self.fault_stats: collections.deque = collections.deque(maxlen=256)
         self.stats = {"connections": 0, "bytes_rx": 0, "bytes_tx": 0, "bad_frames": 0,
-                      "disconnects": 0, "internal_errors": 0}
+                      "disconnects": 0, "internal_errors": 0, "refused": 0, "accept_errors": 0,
+                      "open": 0}
         self.host: Optional[str] = None
         self.port: Optional[int] = None
         self.pty_path: Optional[str] = None
@@ -1007,57 +1349,155 @@ class VirtualChip:
 
     # -- addresses -------------------------------------------------------------------------------
     @property
+    def _host_in_url(self) -> str:
+        return f"[{self.host}]" if self.host and ":" in self.host else str(self.host)
+
+    @property
     def address(self) -> str:
-        return self.pty_path if self.transport == "pty" else f"{self.host}:{self.port}"
+        return self.pty_path if self.transport == "pty" else f"{self._host_in_url}:{self.port}"
 
     @property
     def url(self) -> str:
         """``socket://host:port`` or the pty path (frame); ``TCPIP::host::port::SOCKET`` or
-        ``ASRL<pty>::INSTR`` (scpi)."""
+        ``ASRL<pty>::INSTR`` (scpi). IPv6 hosts are bracketed (``socket://[::1]:PORT``)."""
         if self.transport == "pty":
             return self.pty_path if self.dialect == "frame" else f"ASRL{self.pty_path}::INSTR"
         if self.dialect == "frame":
-            return f"socket://{self.host}:{self.port}"
-        return f"TCPIP::{self.host}::{self.port}::SOCKET"
+            return f"socket://{self._host_in_url}:{self.port}"
+        return f"TCPIP::{self._host_in_url}::{self.port}::SOCKET"
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _spawn(self, target, *args) -> threading.Thread:
         t = threading.Thread(target=target, args=args, daemon=True, name="hwloop-virtual-chip")
-        self._threads.append(t)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
         t.start()
         return t
 
-    def _run_conn(self, conn: _Conn) -> None:
+    def _run_conn(self, conn: _Conn, peer_name: str) -> None:
         with self._lock:
             idx = self.stats["connections"]
             self.stats["connections"] += 1
+            self.stats["open"] += 1
             self._conns.append(conn)
         faults = _Faults(self.faults, idx)
         self.fault_stats.append(faults.stats)
-        _serve_conn(conn, self.core, self.dialect, faults, self._stop, self.stats,
-                    self.sessions.append, name=f"{self.address} (connection {idx})")
+        name = f"{self.address} (connection {idx}, {peer_name})"
+        peer = Peer(f"{peer_name} (connection {idx})", conn.alive)
+
+        def on_session(session) -> None:
+            with self._lock:
+                self.sessions.append(session)
+
+        def on_close(session) -> None:
+            with self._lock:
+                if session in self.sessions:
+                    self.sessions.remove(session)
+                if conn in self._conns:
+                    self._conns.remove(conn)
+                self.stats["open"] -= 1
+
+        try:
+            _serve_conn(conn, self.core, self.dialect, faults, self._stop, self.stats,
+                        on_session, name=name, peer=peer, idle_timeout=self.idle_timeout,
+                        on_close=on_close)
+        finally:
+            with self._lock:
+                if conn in self._conns:  # _serve_conn failed before its own clean-up
+                    self._conns.remove(conn)
+                    self.stats["open"] -= 1
+            _trim_memory()
+
+    def _accept_loop(self, ls: socket.socket) -> None:
+        """Accept links until :meth:`stop`. No error ends it: running out of descriptors
+        (EMFILE/ENFILE) or memory is logged (at most every 10 s per kind), the waiting
+        connection is taken with a spare descriptor and closed (so its client sees a hang-up
+        instead of waiting), and accepting resumes after a short back-off."""
+        spare = _open_spare()
+        backoff = 0.0
+        last_log: dict[str, float] = {}
+        suppressed: dict[str, int] = {}
+
+        def warn(kind: str, text: str, *args) -> None:
+            now = time.monotonic()
+            if now - last_log.get(kind, -1e9) >= 10.0:
+                extra = suppressed.pop(kind, 0)
+                log.warning("virtual chip %s: " + text + (f" ({extra} more since the last "
+                                                          "report)" if extra else ""),
+                            self.address, *args)
+                last_log[kind] = now
+            else:
+                suppressed[kind] = suppressed.get(kind, 0) + 1
+
+        while not self._stop.is_set():
+            if backoff:
+                self._stop.wait(backoff)
+            try:
+                s, addr = ls.accept()
+            except socket.timeout:
+                backoff = 0.0
+                continue
+            except OSError as e:
+                if self._stop.is_set() or ls.fileno() < 0:
+                    break
+                self.stats["accept_errors"] += 1
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    warn("fds", "cannot accept a connection: %s; refusing new connections "
+                         "until descriptors are free (raise `ulimit -n`, or close idle "
+                         "links)", e)
+                    if spare is not None:  # take the waiting connections and close them
+                        os.close(spare)
+                        spare = None
+                        for _ in range(64):
+                            try:
+                                if not select.select([ls], [], [], 0)[0]:
+                                    break
+                                ls.accept()[0].close()
+                            except OSError:
+                                break
+                            self.stats["refused"] += 1
+                        spare = _open_spare()
+                    backoff = min(1.0, max(0.05, backoff * 2))
+                elif e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EAGAIN,
+                                 errno.EPROTO):
+                    backoff = 0.0
+                else:
+                    warn(f"errno{e.errno}", "accept failed: %s; retrying", e)
+                    backoff = min(1.0, max(0.05, backoff * 2))
+                continue
+            backoff = 0.0
+            peer_name = _format_addr(addr)
+            try:
+                if spare is None:
+                    spare = _open_spare()
+                with self._lock:
+                    full = self.stats["open"] >= self.max_connections
+                if full:
+                    self.stats["refused"] += 1
+                    warn("cap", "refused a connection from %s: %d links open "
+                         "(max_connections)", peer_name, self.max_connections)
+                    s.close()
+                    continue
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._spawn(self._run_conn, _Conn(sock=s), peer_name)
+            except (OSError, RuntimeError) as e:  # a reset client, no thread to be had
+                warn("spawn", "could not serve a connection from %s: %s", peer_name, e)
+                with contextlib.suppress(OSError):
+                    s.close()
+        if spare is not None:
+            with contextlib.suppress(OSError):
+                os.close(spare)
 
     def start_tcp(self, host: str, port: int) -> None:
         ls = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind((host, port))
-        ls.listen(4)
+        ls.listen(16)
         ls.settimeout(0.1)
         self._listener = ls
         self.host, self.port = host, ls.getsockname()[1]
-
-        def accept_loop():
-            while not self._stop.is_set():
-                try:
-                    s, _ = ls.accept()
-                except socket.timeout:
-                    continue
-                except OSError:
-                    break
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._spawn(self._run_conn, _Conn(sock=s))
-
-        self._spawn(accept_loop)
+        self._spawn(self._accept_loop, ls)
 
     def start_pty(self) -> None:
         import tty
@@ -1066,7 +1506,7 @@ class VirtualChip:
         os.set_blocking(master, False)
         self._slave_fd = slave  # held open so the master never sees EIO between clients
         self.pty_path = os.ttyname(slave)
-        self._spawn(self._run_conn, _Conn(fd=master))
+        self._spawn(self._run_conn, _Conn(fd=master), "pty")
 
     def disconnect(self) -> None:
         """Close every open link now (a cable pull); a TCP chip keeps accepting new ones."""
@@ -1089,7 +1529,9 @@ class VirtualChip:
             except OSError:
                 pass
         self.disconnect()
-        for t in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
             if t is not threading.current_thread():
                 t.join(timeout)
 
@@ -1113,7 +1555,9 @@ class VirtualChip:
 def serve(device: TTFSDevice, transport: str = "pty", host: str = "127.0.0.1", port: int = 0,
           dialect: str = "frame", faults: Optional[FaultConfig] = None, *,
           foreground: bool = False, allow_remote: bool = False,
-          announce: Optional[Callable[[str], None]] = None) -> VirtualChip:
+          announce: Optional[Callable[[str], None]] = None,
+          idle_timeout: Optional[float] = VirtualChip.IDLE_TIMEOUT_S,
+          max_connections: int = VirtualChip.MAX_CONNECTIONS) -> VirtualChip:
     """Serve ``device`` as a virtual chip.
 
     Args:
@@ -1125,6 +1569,13 @@ def serve(device: TTFSDevice, transport: str = "pty", host: str = "127.0.0.1", p
         foreground: serve until Ctrl-C (the CLI); otherwise return at once, serving from
             daemon threads (tests).
         announce: called with a one-line description (address, url) once listening.
+        idle_timeout: close a link that sends nothing for this many seconds (None or 0: never;
+            default one hour); closing it frees the chip if that link controlled it.
+        max_connections: links open at once (TCP); more are accepted and closed at once.
+
+    One link at a time controls the chip (docs/protocol.md, "Ownership"): the first that
+    sends a command that changes it; the others may query until it closes, releases or is
+    taken over.
     """
     if transport not in ("pty", "tcp"):
         raise ValueError(f"transport must be 'pty' or 'tcp', got {transport!r}")
@@ -1139,7 +1590,8 @@ def serve(device: TTFSDevice, transport: str = "pty", host: str = "127.0.0.1", p
                          "allow_remote=True (--allow-remote)")
     if transport == "pty" and sys.platform.startswith("win"):
         raise ValueError("pty transport needs a POSIX system; use transport='tcp'")
-    chip = VirtualChip(device, transport, dialect, faults)
+    chip = VirtualChip(device, transport, dialect, faults, idle_timeout=idle_timeout,
+                       max_connections=max_connections)
     if transport == "tcp":
         chip.start_tcp(host, port)
     else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import select
 import socket
@@ -57,6 +58,10 @@ class VisaDevice(HostDevice):
         resync_timeout: seconds to wait for the echo of the resynchronisation marker after a
             command that did not complete; default ``timeout`` plus twice that command's own
             timeout (the chip may still be finishing it).
+        take_over: take control of the chip at once, even from another link
+            (``HWL:LOCK:TAKE``); by default the first command that changes the chip takes
+            control, and while another link has it those commands fail with a BUSY
+            ``DeviceError`` naming its address.
 
     Raises (any method): :class:`DeviceTimeout` when the chip does not answer a command in time
     (the next command resynchronises first); :class:`DeviceError` when the peer hangs up, when
@@ -69,7 +74,8 @@ class VisaDevice(HostDevice):
                  per_sample_timeout_s: float = 0.01, byte_rate: float = 10e6,
                  chunk_codes: int = 65536, write_retries: int = 2, time_format: str = "auto",
                  resource_manager: Any = None, open_timeout: float = 5.0, verify: bool = True,
-                 sparse: bool = True, resync_timeout: Optional[float] = None):
+                 sparse: bool = True, resync_timeout: Optional[float] = None,
+                 take_over: bool = False):
         import pyvisa
         self.resource = resource
         self._init_host(verify=verify, write_retries=write_retries, sparse=sparse,
@@ -94,6 +100,7 @@ class VisaDevice(HostDevice):
                 self._close_rm()
             raise DeviceError(f"cannot open VISA resource {resource!r}: {e}") from e
         try:
+            self._check_connected()
             self._inst.read_termination = P.SCPI_TERM
             self._inst.write_termination = P.SCPI_TERM
             self._inst.timeout = int(self.timeout * 1000)
@@ -102,6 +109,9 @@ class VisaDevice(HostDevice):
             except Exception:
                 pass
             self._hello(time_format)
+            if take_over:
+                self._write("HWL:LOCK:TAKE")
+                self._check_errors("HWL:LOCK:TAKE")
         except BaseException:
             self.close()
             raise
@@ -114,6 +124,26 @@ class VisaDevice(HostDevice):
         except Exception:
             return None
         return sess if isinstance(getattr(sess, "interface", None), socket.socket) else None
+
+    def _check_connected(self) -> None:
+        """pyvisa-py opens a ``::SOCKET`` resource whose connection failed without a word;
+        say so here (connection refused, unreachable) instead of a hang-up at the first
+        command."""
+        sess = self._session()
+        if sess is None:
+            return
+        try:
+            sess.interface.getpeername()
+            return
+        except OSError:
+            pass
+        try:
+            err = sess.interface.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            err = 0
+        why = os.strerror(err).lower() if err else "not connected"
+        raise DeviceError(f"cannot open VISA resource {self.resource!r}: {why} (is a chip "
+                          "served at that address and port?)")
 
     def _peer_closed(self, sess) -> bool:
         try:
@@ -473,6 +503,11 @@ class VisaDevice(HostDevice):
                                  write_values=(values.reshape(-1), "d" if self.f64 else "I"))
 
     # -- commands of the SCPI dialect ------------------------------------------------------------
+    def lock_owner(self) -> Optional[str]:
+        """The address of the link that controls the chip (``SYST:LOCK:OWN?``), or None."""
+        owner = self._query("SYST:LOCK:OWN?").strip('"')
+        return None if owner.upper() == "NONE" else owner
+
     def seed_noise(self, seed: int) -> None:
         """Reseed the chip's random jitter (``HWL:SEED``); ignored by a chip without it."""
         self._write(f"HWL:SEED {int(seed) & 0xFFFFFFFFFFFFFFFF}")
@@ -496,8 +531,11 @@ class VisaDevice(HostDevice):
         return torch.from_numpy(codes.reshape(spec.weight_shape)), float(scale_s)
 
     def _close_rm(self) -> None:
+        """Close the resource manager unless other resources are open in it: pyvisa shares one
+        manager per VISA library, and closing it would close every other VisaDevice too."""
         try:
-            self._rm.close()
+            if not self._rm.list_opened_resources():
+                self._rm.close()
         except Exception:
             pass
 
