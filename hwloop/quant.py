@@ -60,6 +60,10 @@ def _quantiles(v: torch.Tensor, qs: list[float]) -> list[float]:
     return out
 
 
+#: A quantised layer also warns when clipping removes more than this fraction of its weight
+#: mass (sum over clipped weights of |w| - range, over sum |w|): the "outliers" of the clip
+#: percentile were the signal.
+CLIP_LOSS_WARN = 0.5
 #: A quantised layer warns when more than this fraction of its weight mass (sum of |w|) lies in
 #: non-zero weights that round to code 0: it has lost most of its signal.
 SIGNAL_LOSS_WARN = 0.5
@@ -145,6 +149,21 @@ def signal_loss(w: torch.Tensor, codes: torch.Tensor, scale: float) -> tuple[flo
 
 def _warn_signal_loss(w64, nz, codes, scale, bits, layer) -> None:
     zeroed, mass, rel = signal_loss(w64, codes, scale)
+    if bits is not None and mass <= SIGNAL_LOSS_WARN:
+        # the range itself may be wrong: what the clip percentile called outliers can carry the
+        # signal. Clipping loses |w| - range of each clipped weight; most of the mass lost warns.
+        lo, hi = -(2 ** (int(bits) - 1)), 2 ** (int(bits) - 1) - 1
+        excess = torch.clamp(w64.abs() - hi * scale, min=0.0)
+        clipped_mass = float(excess.sum() / w64.abs().sum())
+        if clipped_mass > CLIP_LOSS_WARN:
+            name = "a layer" if layer is None else f"layer {int(layer)}"
+            warnings.warn(f"{name}: {bits}-bit quantisation loses most of its signal: "
+                          f"{100 * clipped_mass:.1f} % of its weight mass is clipped away by the "
+                          f"range +-{hi * scale:.4g} that the clip percentile set ({int((excess > 0).sum())} "
+                          f"weights beyond it, max |w| {float(nz.abs().max()):.4g}; relative error "
+                          f"{rel:.3f}): clip less (clip_percentile) or use more bits",
+                          UserWarning, stacklevel=3)
+            return
     if mass > SIGNAL_LOSS_WARN:
         name = "a layer" if layer is None else f"layer {int(layer)}"
         warnings.warn(f"{name}: {bits}-bit quantisation loses most of its signal: "

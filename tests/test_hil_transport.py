@@ -81,3 +81,35 @@ def test_disconnect_mid_epoch_is_a_clear_error_and_keeps_the_checkpoint(clean):
     finally:
         chip2.stop()
     assert rep["final_weights_sha256"] == ref["final_weights_sha256"]
+
+
+@pytest.mark.parametrize("dialect", ["frame", "scpi"])
+def test_resume_on_a_virtual_chip_with_another_model_is_refused(clean, dialect):
+    """A virtual chip restarted with an edited profile under the same device id (here: random
+    jitter 10x) is not the same chip: resume is refused, naming the model digest. The same
+    chip restarted on another port resumes (test above)."""
+    from hwloop.devices.open import open_device
+    from hwloop.devices.profile import load_profile
+    from hwloop.errors import CheckpointError
+    tmp, _ = clean
+    from hwloop.train.finetune import _Interrupt
+    chip = _chip(transport="tcp", dialect=dialect)
+    opts = _opts(tmp, f"model-{dialect}", chip.url, epochs=2)
+    try:
+        with open_device(chip.url) as dev:  # the link carries the chip's model digest
+            assert dev.model_sha256 == chip_model(ANALOG)
+        with pytest.raises(_Interrupt):  # killed in epoch 2, after the first checkpoint
+            run_finetune(opts, log=lambda m: None, stop_after_steps=8)
+    finally:
+        chip.stop()
+    prof = load_profile(ANALOG).model_copy(update={"jitter_sd": 0.2})
+    other = serve(EmulatorDevice.from_profile(prof, chip_seed=CHIP_SEED), transport="tcp", dialect=dialect)
+    try:
+        with pytest.raises(CheckpointError, match="model_sha256"):
+            run_finetune(opts.model_copy(update={"device": other.url, "resume": True}), log=lambda m: None)
+    finally:
+        other.stop()
+
+
+def chip_model(profile_path) -> str:
+    return EmulatorDevice.from_profile(profile_path, chip_seed=CHIP_SEED).model_sha256

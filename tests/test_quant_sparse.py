@@ -118,3 +118,22 @@ def test_sparse_net_on_a_4bit_chip_matches_float():
     acc_chip = evaluate_device(dev, net, x, y)["accuracy"]
     assert acc_chip >= acc_float - 0.1, (acc_float, acc_chip)
     assert evaluate_net(dequantized_network(net, state), x, y)["accuracy"] == pytest.approx(acc_chip, abs=0.02)
+
+
+def test_signal_clipped_away_warns_by_name():
+    """3 % of the weights at +-0.5 carry the signal, 97 % are ~1e-4: the 4-bit clip percentile
+    sets the range at the small ones and clips the large ones (relative error ~1), which must
+    warn, naming the layer."""
+    import warnings as _w
+
+    from hwloop.quant import quantize_weights, signal_loss
+    g = torch.Generator().manual_seed(0)
+    w = 1e-4 * torch.randn(40, 100, generator=g, dtype=torch.float64)
+    big = torch.rand(40, 100, generator=g) < 0.03
+    w[big] = 0.5 * torch.sign(torch.randn(int(big.sum()), generator=g, dtype=torch.float64))
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        codes, scale = quantize_weights(w, 4, layer=3)
+    assert signal_loss(w, codes, scale)[2] > 0.9
+    msgs = [str(c.message) for c in caught]
+    assert any("layer 3" in m and "clipped away" in m for m in msgs), msgs

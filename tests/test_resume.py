@@ -327,3 +327,52 @@ def test_evaluate_records_the_data_source(tmp_path, monkeypatch):
                              data_dir=str(data), pretrain_epochs=1, log=quiet)
     assert out["data"]["files"][2] == str((data / "t10k-images-idx3-ubyte").resolve())
     assert len(out["data"]["sha256"]) == 64 and out["n_test"] == 48
+
+
+def test_resume_on_an_edited_profile_file_is_refused(tmp_path):
+    prof = tmp_path / "chip.yaml"
+    shutil.copy(ROOT / "devices" / "emulator-harsh.yaml", prof)
+    opts = options(tmp_path / "run", tmp_path / "cache", device=str(prof))
+    with pytest.raises(fin._Interrupt):
+        run_finetune(opts, log=quiet, stop_after_steps=STEPS + 1)
+    text = prof.read_text()
+    assert "jitter_sd:" in text
+    prof.write_text(text.replace("jitter_sd:", "jitter_sd: 0.3 #", 1))  # same device id
+    with pytest.raises(CheckpointError, match="model_sha256"):
+        run_finetune(opts.model_copy(update={"resume": True}), log=quiet)
+
+
+def test_train_and_test_splits_come_from_one_directory(tmp_path):
+    """A --data-dir holding only the train split must not take the test split from a copy in
+    --data-dir/<name> (or anywhere else)."""
+    from hwloop.errors import DataError
+    data = tmp_path / "data"
+    _idx_dataset(data / "mnist", seed=0)  # a full copy below
+    (data / "mnist" / "train-images-idx3-ubyte").rename(data / "train-images-idx3-ubyte")
+    (data / "mnist" / "train-labels-idx1-ubyte").rename(data / "train-labels-idx1-ubyte")
+    _idx_dataset(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "train-images-idx3-ubyte", data / "mnist")
+    shutil.copy(tmp_path / "other" / "train-labels-idx1-ubyte", data / "mnist")
+    opts = options(tmp_path / "run", tmp_path / "cache", dataset="mnist", data_dir=str(data),
+                   train_subset=None, test_subset=None)
+    with pytest.raises(DataError, match="train split was found in .* but the test split in"):
+        run_finetune(opts, log=quiet)
+    with pytest.raises(DatasetNotFound, match="is a file, not a directory"):
+        fin.load_data(opts.model_copy(update={"data_dir": str(data / "train-images-idx3-ubyte")}))
+
+
+def test_sweep_points_are_keyed_on_the_data(tmp_path):
+    """A sweep rerun on other data (another --data-dir, or changed files) must not reuse the
+    points of the first: the config hash covers where the data comes from and its content."""
+    from hwloop.studies.sweep import SweepSpec, _data_sha, config_hash
+    one, two = tmp_path / "one", tmp_path / "two"
+    _idx_dataset(one, seed=0)
+    _idx_dataset(two, seed=1)
+    spec = lambda d: SweepSpec(dataset="mnist", data_dir=str(d), cache_dir=str(tmp_path / "c"))
+    assert config_hash(spec(one)) == config_hash(spec(one))
+    assert config_hash(spec(one)) != config_hash(spec(two))
+    _data_sha.cache_clear()
+    before = config_hash(spec(one))
+    _idx_dataset(one, seed=2)  # same folder, new files
+    _data_sha.cache_clear()
+    assert config_hash(spec(one)) != before

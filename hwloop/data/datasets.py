@@ -111,8 +111,10 @@ def find_dataset_files(
         if img is not None and lbl is not None:
             return img, lbl
     if data_dir is not None:
-        where = (f"the data directory given ({data_dir}) does not hold it" if Path(data_dir).is_dir()
-                 else f"the data directory given ({data_dir}) does not exist")
+        given = Path(data_dir)
+        where = (f"the data directory given ({data_dir}) does not hold it" if given.is_dir()
+                 else f"the data directory given ({data_dir}) is a file, not a directory"
+                 if given.exists() else f"the data directory given ({data_dir}) does not exist")
         raise DatasetNotFound(
             f"dataset {key!r} ({split} split) not found: {where}; no directory holds both "
             f"{img_stem}[.gz] and {lbl_stem}[.gz].\nLooked in:\n"

@@ -45,6 +45,8 @@ reports ``weight_bits=32``; integer codes in the 32-bit range are accepted too.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -138,6 +140,15 @@ class EmulatorDevice(TTFSDevice):
         kind = spec.layers[layer].kind
         if kind not in kinds:
             raise DeviceError(f"layer {layer} is {kind!r}; {what} needs one of {list(kinds)}")
+
+    @property
+    def model_sha256(self) -> str:
+        """SHA-256 of what determines this chip's behaviour: its profile (every field) and its
+        chip seed (the frozen mismatch draws). Two instances with equal digests are the same
+        chip; a resumed run or a calibration record compares it (an edited YAML file or a
+        profile override under the same device id is caught)."""
+        doc = {"profile": self.profile.model_dump(mode="json"), "chip_seed": self.chip_seed}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def info(self) -> DeviceInfo:
         self._check_open()

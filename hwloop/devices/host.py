@@ -133,6 +133,10 @@ class HostDevice(TTFSDevice):
         else:
             raise ValueError(f"time_format must be 'auto', 'f64' or 'ticks', got {time_format!r}")
         self.ratio = P.ticks_per_tau_c(self._info.tau_c_s, self._info.clock_period_s)
+        #: the chip's model digest when it tells one (a virtual chip: profile and chip seed),
+        #: compared on resume and by calibration records; None for a chip that does not
+        digest = doc.get("model_sha256")
+        self.model_sha256 = digest if isinstance(digest, str) else None
         features = doc.get("features", [])
         self._features = list(features) if isinstance(features, list) else []
         self._sparse = self.sparse and isinstance(features, list) and \

@@ -182,7 +182,11 @@ class ChipCore:
     def hello(self) -> dict:
         info = self.info.model_dump(mode="json")
         info["protocol_version"] = P.PROTOCOL_VERSION  # what this link speaks (provenance)
-        return P.hello_json(info, self.time_formats, self.features)
+        doc = P.hello_json(info, self.time_formats, self.features)
+        digest = getattr(self.device, "model_sha256", None)  # a virtual chip knows its model
+        if digest:
+            doc["model_sha256"] = digest
+        return doc
 
     def seed_noise(self, seed: int) -> None:
         with self.lock:

@@ -42,6 +42,7 @@ seeds give identical points.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -263,15 +264,33 @@ def _resolve_base(name: str) -> str:
 
 def config_hash(spec: SweepSpec) -> str:
     """Hash of everything but the knob values and the seed that changes a point's result: the
-    base profile's content (not its path), the fixed overrides, data, model and training."""
+    base profile's content (not its path), the fixed overrides, the data (where it was read
+    from and its content), model and training.
+
+    Raises:
+        DatasetNotFound / DataError: the data cannot be read (as ``hwloop finetune`` would)."""
     _, prof = base_profile(spec)
     src = {"profile": prof.model_dump(mode="json"), "fixed": spec.fixed, "seed_mode": spec.seed_mode,
            "twin_seed": spec.twin_seed if spec.seed_mode == "chip" else None,
-           **{k: getattr(spec, k) for k in ("dataset", "arch", "pretrain_epochs", "train_subset",
-                                             "test_subset", "lr", "batch_size", "l1",
-                                             "max_steps_per_epoch")},
+           **{k: getattr(spec, k) for k in ("dataset", "data_dir", "arch", "pretrain_epochs",
+                                             "train_subset", "test_subset", "lr", "batch_size",
+                                             "l1", "max_steps_per_epoch")},
+           "data_sha256": _data_sha(spec.dataset, spec.data_dir, spec.train_subset,
+                                    spec.test_subset, spec.twin_seed),
            "calibration": _file_sha(spec.calibration) if spec.calibration else None}
     return _sha(src)[:12]
+
+
+@functools.lru_cache(maxsize=8)
+def _data_sha(dataset: str, data_dir: Optional[str], train_subset: Optional[int],
+              test_subset: Optional[int], seed: int) -> str:
+    """Content hash of the data a sweep's points train and test on (a synthetic task is
+    defined by its seed; points of other seeds differ by their seed in the point key)."""
+    from hwloop.train.finetune import FinetuneOptions, data_digest, load_data  # sweep <- finetune
+    from hwloop.train.hil import FinetuneConfig
+    opts = FinetuneOptions(dataset=dataset, data_dir=data_dir, train_subset=train_subset,
+                           test_subset=test_subset, finetune=FinetuneConfig(seed=seed))
+    return data_digest(load_data(opts))
 
 
 def _file_sha(path: str) -> str:

@@ -106,8 +106,13 @@ def data_source(opts: FinetuneOptions) -> dict[str, Any]:
     if opts.dataset == "synthetic":
         return {"dataset": "synthetic", "seed": opts.finetune.seed}
     from hwloop.data.datasets import find_dataset_files
+    from hwloop.errors import DataError
     files = [str(Path(f).resolve()) for split in ("train", "test")
              for f in find_dataset_files(opts.dataset, split, opts.data_dir)]
+    if len({str(Path(f).parent) for f in files}) > 1:  # never a train split of one copy, test of another
+        raise DataError(f"dataset {opts.dataset!r}: the train split was found in "
+                        f"{Path(files[0]).parent} but the test split in {Path(files[2]).parent}; "
+                        "put all four IDX files in one directory (or point --data-dir at it)")
     return {"dataset": opts.dataset, "files": files}
 
 
@@ -339,12 +344,11 @@ def input_mismatches(saved: dict, now: dict) -> list[str]:
     return [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
 
 
-def _profile_digest(device) -> Optional[str]:
-    prof = getattr(device, "profile", None)
-    if prof is None:
-        return None
-    return hashlib.sha256(json.dumps(prof.model_dump(mode="json"), sort_keys=True,
-                                     default=str).encode()).hexdigest()
+def _info_digest(info) -> str:
+    """SHA-256 of a chip's self-description (:class:`DeviceInfo`: id, firmware, weight bits,
+    time steps, limits, tau_c, clock) as the chip reports it; the protocol version is left out
+    (the same chip in process and behind a link computes the same)."""
+    return hashlib.sha256(info.model_dump_json(exclude={"protocol_version"}).encode()).hexdigest()
 
 
 def _check_resume(ckpt: Path, what: str, mismatches: list[str]) -> None:
@@ -447,7 +451,8 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
         data = load_data(opts)
         xtr, ytr, xte, yte = data
         digest = data_digest(data)
-        inputs = {"device_id": info.device_id, "profile_sha256": _profile_digest(device),
+        inputs = {"device_id": info.device_id, "device_info_sha256": _info_digest(info),
+                  "model_sha256": getattr(device, "model_sha256", None),
                   "data_sha256": digest,
                   "calibration_sha256": file_sha256(opts.calibration) if opts.calibration else None}
         if ck is not None:
@@ -591,12 +596,18 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
         }
     finally:
         device.close()
+    # the weights first, the report last: a report on disk means the run is complete (a sweep
+    # records a point by its report and then deletes its checkpoint)
+    tmp = out / "final_weights.pt.tmp"
+    torch.save({"shadow": shadow.state_dict(),
+                # what was programmed (codes, scales, thresholds): `hwloop evaluate --weights`
+                # puts exactly this back on the chip instead of quantising afresh
+                "state": state_to_dict(trainer.state), "device_id": info.device_id,
+                "calibration": opts.calibration}, tmp)
+    os.replace(tmp, out / "final_weights.pt")
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=float))
     os.replace(tmp, out / "report.json")
-    tmp = out / "final_weights.pt.tmp"
-    torch.save({"shadow": shadow.state_dict()}, tmp)
-    os.replace(tmp, out / "final_weights.pt")
     if opts.plots:
         write_finetune_plots(report, out, trace, log)
     return report
