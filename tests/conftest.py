@@ -15,3 +15,13 @@ torch.set_num_threads(1)
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_output_in_the_checkout():
+    """Tests write below their tmp_path, never into the checkout's runs/ folder."""
+    runs = os.path.join(ROOT, "runs")
+    before = set(os.listdir(runs)) if os.path.isdir(runs) else set()
+    yield
+    after = set(os.listdir(runs)) if os.path.isdir(runs) else set()
+    assert after <= before, f"tests wrote into {runs}: {sorted(after - before)}"

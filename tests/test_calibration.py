@@ -18,8 +18,8 @@ from hwloop.calibrate import (CalibratedProgramState, CalibrationOptions, calibr
                               load_record, program_calibrated, save_record)
 from hwloop.calibrate.fit import invert_quantised_variance, quantised_variance
 from hwloop.calibrate.record import check_record_matches
-from hwloop.devices.emulator import EmulatorDevice
-from hwloop.devices.profile import load_profile
+from hwloop.emulator.device import EmulatorDevice
+from hwloop.emulator.profile import load_profile
 from hwloop.errors import CalibrationError
 from hwloop.mapping import apply_windows, latency_windows, network_to_spec, program_network
 from hwloop.ttfs import convert
@@ -250,8 +250,10 @@ def test_record_refuses_another_chip_or_topology(calibrated, net):
 
 # ---------------------------------------------------------------------- transports
 def _comparable(rec):
+    # in-process only: the profile's name, the chip seed and its mismatch digest (a device over
+    # a link has no profile to tell them)
     d = rec.model_dump(mode="json", exclude={"created", "wall_time_s", "content_hash", "profile",
-                                             "firmware_version", "chip_seed"})
+                                             "firmware_version", "chip_seed", "mismatch_sha256"})
     return d
 
 
@@ -287,14 +289,14 @@ def test_cli_calibrate_then_evaluate(tmp_path, monkeypatch, capsys):
     assert rec.device_id == "emu-mismatch-seed5" and rec.arch == "fc2"
     assert [lc.kind for lc in rec.layers] == ["dense", "readout"]
     assert "record:" in capsys.readouterr().out
-    assert main(["evaluate", "--device", str(MISMATCH), "--dataset", "synthetic", "--calibration",
+    assert main(["evaluate", "--out", str(tmp_path / "evaluate"), "--device", str(MISMATCH), "--dataset", "synthetic", "--calibration",
                  str(out), "--pretrain-epochs", "1", "--train-subset", "500", "--test-subset", "200",
                  "--json"]) == 0
     text = capsys.readouterr().out
     res = json.loads(text[text.index("{"):])
     assert res["mode"] == "calibrated" and 0.0 <= res["device"]["accuracy"] <= 1.0
     # another chip refuses the record: exit code 2 with a clear message
-    assert main(["evaluate", "--device", str(MISMATCH), "--chip-seed", "6", "--dataset", "synthetic",
+    assert main(["evaluate", "--out", str(tmp_path / "evaluate"), "--device", str(MISMATCH), "--chip-seed", "6", "--dataset", "synthetic",
                  "--calibration", str(out), "--pretrain-epochs", "1", "--train-subset", "500",
                  "--test-subset", "200"]) == 2
     assert "emu-mismatch-seed6" in capsys.readouterr().err

@@ -278,7 +278,7 @@ def test_cli_evaluate_refuses_the_record_naming_file_and_field(example, tmp_path
     def edit(d):
         d["layers"][0]["slope"][3] = 1e308
     p = write(tmp_path, edited(example, edit))
-    assert main(["evaluate", "--device", str(MISMATCH), "--dataset", "synthetic",
+    assert main(["evaluate", "--out", str(tmp_path / "evaluate"), "--device", str(MISMATCH), "--dataset", "synthetic",
                  "--calibration", str(p), "--pretrain-epochs", "1", "--train-subset", "100",
                  "--test-subset", "50"]) == 2
     err = capsys.readouterr().err

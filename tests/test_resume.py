@@ -98,7 +98,7 @@ def test_resume_with_adaptive_windows_is_bit_identical(tmp_path, monkeypatch):
     """The ideal profile adapts windows (Eq. (8)); before the fix the resumed chip was programmed
     with the mapped windows but the adapted thresholds: the network went silent (0 spikes,
     chance accuracy) with exit code 0."""
-    from hwloop.devices.emulator import EmulatorDevice
+    from hwloop.emulator.device import EmulatorDevice
     three = {"finetune": {"epochs": 3}}
     full_out = tmp_path / "full"
     full = run_finetune(options(full_out, tmp_path / "cache", **three), log=quiet)
@@ -376,3 +376,24 @@ def test_sweep_points_are_keyed_on_the_data(tmp_path):
     _idx_dataset(one, seed=2)  # same folder, new files
     _data_sha.cache_clear()
     assert config_hash(spec(one)) != before
+
+
+def test_resume_of_a_finished_run_keeps_its_report(tmp_path, uninterrupted):
+    full_out, full = uninterrupted("emulator-harsh.yaml")
+    out = tmp_path / "done"
+    shutil.copytree(full_out, out)
+    before = (out / "report.json").read_bytes()
+    rep = run_finetune(options(out, full_out.parent / "cache", "emulator-harsh.yaml", resume=True), log=quiet)
+    assert (out / "report.json").read_bytes() == before
+    assert rep["final_weights_sha256"] == full["final_weights_sha256"]
+
+
+def test_finetune_time_is_cumulative_across_resumes(tmp_path, uninterrupted):
+    full_out, _ = uninterrupted("emulator-ideal.yaml")
+    opts = options(tmp_path / "part", full_out.parent / "cache")
+    with pytest.raises(fin._Interrupt):
+        run_finetune(opts, log=quiet, stop_after_steps=STEPS + 1)
+    ck = fin.load_checkpoint(Path(opts.out) / "checkpoint.pt")
+    assert ck["finetune_time_s"] > 0
+    rep = run_finetune(opts.model_copy(update={"resume": True}), log=quiet)
+    assert rep["finetune_wall_time_s"] >= round(ck["finetune_time_s"], 2)

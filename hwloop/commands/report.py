@@ -54,8 +54,14 @@ def summarize(path: str | Path) -> tuple[str, dict]:
     try:
         report = json.loads(rep_path.read_text())
     except FileNotFoundError:
+        if not p.exists():
+            raise CheckpointError(f"{path}: no such file or folder") from None
+        hint = ("a run of finetune, evaluate, train, calibrate or sweep still in progress or "
+                "interrupted" if (p / "checkpoint.pt").exists() or (p / "log.jsonl").exists()
+                else "hwloop report reads the folders of finetune, evaluate, train, calibrate "
+                     "and sweep, and calibration records")
         raise CheckpointError(f"{path}: no report.json, sweep.json or calibration record there "
-                              "(is the run finished?)") from None
+                              f"({hint})") from None
     except ValueError as exc:
         raise CheckpointError(f"{rep_path} is not JSON: {exc}") from None
     kind = kind_of(report)

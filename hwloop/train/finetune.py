@@ -206,7 +206,7 @@ def resolve_device_name(name: str) -> str:
     if (REPO_ROOT / name).exists():
         return str(REPO_ROOT / name)
     if "/" not in name and "\\" not in name:
-        from hwloop.devices.profile import profiles_dir
+        from hwloop.emulator.profile import profiles_dir
         for cand in (profiles_dir() / name, profiles_dir() / f"{name}.yaml",
                      profiles_dir() / f"{name}.yml"):
             if cand.is_file():
@@ -217,7 +217,7 @@ def resolve_device_name(name: str) -> str:
 def override_profile(profile, overrides: dict[str, Any]):
     """A copy of a :class:`DeviceProfile` with dotted fields replaced, validated again
     (:class:`ProfileError` names a bad field, its value and the allowed range)."""
-    from hwloop.devices.profile import validate_profile
+    from hwloop.emulator.profile import validate_profile
     data = profile.model_dump()
     for key, value in overrides.items():
         node, parts = data, key.split(".")
@@ -239,8 +239,8 @@ def open_named_device(name: str, chip_seed: Optional[int] = None,
         if backend_for(name) != "emulator":
             from hwloop.errors import DeviceError
             raise DeviceError(f"profile overrides need an emulator profile, not {name!r}")
-        from hwloop.devices.emulator import EmulatorDevice
-        from hwloop.devices.profile import load_profile
+        from hwloop.emulator.device import EmulatorDevice
+        from hwloop.emulator.profile import load_profile
         prof = override_profile(load_profile(name), profile_overrides)
         return EmulatorDevice.from_profile(prof, chip_seed=chip_seed)
     kw = {} if chip_seed is None else {"chip_seed": chip_seed}
@@ -434,6 +434,13 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
     if opts.resume:  # options first: a mismatch fails before any data is loaded or twin trained
         ck = _load_for_resume(ckpt, log)
         _check_resume(ckpt, "options", option_mismatches(ck.get("options", {}), opts))
+        report_path = out / "report.json"
+        if int(ck.get("epoch", 0)) >= ft.epochs and report_path.exists():
+            # written last, so the run is complete: nothing to redo, and its report stays as it was
+            log(f"{out}: the run is complete (all {ft.epochs} epochs and the final evaluation); "
+                f"its report is {report_path}")
+            return json.loads(report_path.read_text())
+    ft_before = float(ck.get("finetune_time_s", 0.0)) if ck is not None else 0.0
 
     # the device and the calibration record first: a wrong name fails before any training
     calibration = None
@@ -561,9 +568,10 @@ def _run_finetune_locked(opts: FinetuneOptions, log: Callable[[str], None],
                                        "state": state_to_dict(trainer.state),
                                        "history": history, "before": before,
                                        "device_calls": trainer.device_calls,
+                                       "finetune_time_s": ft_before + time.time() - t_ft,
                                        "device_id": info.device_id, "inputs": inputs,
                                        "options": opts.model_dump(mode="json")})
-        ft_time = time.time() - t_ft
+        ft_time = ft_before + time.time() - t_ft  # every epoch's, across resumes
 
         log("evaluating after fine-tuning")
         after = {"device": evaluate_repeated(device, shadow, xte, yte, opts, EVAL_AFTER,
