@@ -18,8 +18,8 @@ from hwloop.calibrate import (CalibratedProgramState, CalibrationOptions, calibr
                               load_record, program_calibrated, save_record)
 from hwloop.calibrate.fit import invert_quantised_variance, quantised_variance
 from hwloop.calibrate.record import check_record_matches
-from hwloop.emulator.device import EmulatorDevice
-from hwloop.emulator.profile import load_profile
+from hwloop.devices.emulator import EmulatorDevice
+from hwloop.devices.profile import load_profile
 from hwloop.errors import CalibrationError
 from hwloop.mapping import apply_windows, latency_windows, network_to_spec, program_network
 from hwloop.ttfs import convert

@@ -98,7 +98,7 @@ def test_resume_with_adaptive_windows_is_bit_identical(tmp_path, monkeypatch):
     """The ideal profile adapts windows (Eq. (8)); before the fix the resumed chip was programmed
     with the mapped windows but the adapted thresholds: the network went silent (0 spikes,
     chance accuracy) with exit code 0."""
-    from hwloop.emulator.device import EmulatorDevice
+    from hwloop.devices.emulator import EmulatorDevice
     three = {"finetune": {"epochs": 3}}
     full_out = tmp_path / "full"
     full = run_finetune(options(full_out, tmp_path / "cache", **three), log=quiet)

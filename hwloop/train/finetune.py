@@ -206,7 +206,7 @@ def resolve_device_name(name: str) -> str:
     if (REPO_ROOT / name).exists():
         return str(REPO_ROOT / name)
     if "/" not in name and "\\" not in name:
-        from hwloop.emulator.profile import profiles_dir
+        from hwloop.devices.profile import profiles_dir
         for cand in (profiles_dir() / name, profiles_dir() / f"{name}.yaml",
                      profiles_dir() / f"{name}.yml"):
             if cand.is_file():
@@ -217,7 +217,7 @@ def resolve_device_name(name: str) -> str:
 def override_profile(profile, overrides: dict[str, Any]):
     """A copy of a :class:`DeviceProfile` with dotted fields replaced, validated again
     (:class:`ProfileError` names a bad field, its value and the allowed range)."""
-    from hwloop.emulator.profile import validate_profile
+    from hwloop.devices.profile import validate_profile
     data = profile.model_dump()
     for key, value in overrides.items():
         node, parts = data, key.split(".")
@@ -239,8 +239,8 @@ def open_named_device(name: str, chip_seed: Optional[int] = None,
         if backend_for(name) != "emulator":
             from hwloop.errors import DeviceError
             raise DeviceError(f"profile overrides need an emulator profile, not {name!r}")
-        from hwloop.emulator.device import EmulatorDevice
-        from hwloop.emulator.profile import load_profile
+        from hwloop.devices.emulator import EmulatorDevice
+        from hwloop.devices.profile import load_profile
         prof = override_profile(load_profile(name), profile_overrides)
         return EmulatorDevice.from_profile(prof, chip_seed=chip_seed)
     kw = {} if chip_seed is None else {"chip_seed": chip_seed}
