@@ -20,7 +20,7 @@ import time
 import torch
 
 from hwloop import convert
-from hwloop.devices.emulator import EmulatorDevice
+from hwloop.emulator.device import EmulatorDevice
 from hwloop.mapping import apply_windows, latency_windows, program_network
 from hwloop.ttfs.architectures import build_relu
 

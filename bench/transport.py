@@ -33,9 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hwloop.devices import open as open_mod  # noqa: E402
-from hwloop.devices.emulator import EmulatorDevice  # noqa: E402
-from hwloop.devices.server import FaultConfig, serve  # noqa: E402
-from hwloop.train.finetune import FinetuneOptions, run_finetune  # noqa: E402
+from hwloop.emulator.device import EmulatorDevice  # noqa: E402
+from hwloop.chip.server import FaultConfig, serve  # noqa: E402
+from hwloop.train.finetune import run_finetune  # noqa: E402
+from hwloop.train.options import FinetuneOptions  # noqa: E402
 from hwloop.train.hil import FinetuneConfig  # noqa: E402
 
 ANALOG = str(ROOT / "devices" / "emulator-analog.yaml")

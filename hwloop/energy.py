@@ -20,7 +20,7 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ["layer_energy", "network_energy", "volts_per_unit"]
+__all__ = ["layer_energy", "network_energy", "neuron_energy_terms", "volts_per_unit"]
 
 Number = Union[float, torch.Tensor]
 
@@ -28,6 +28,24 @@ Number = Union[float, torch.Tensor]
 def volts_per_unit(threshold_voltage_v: float, windows: Sequence[tuple[float, float]]) -> list[float]:
     """v_n = threshold_voltage_v / (t_max - t_min) for each window (V per potential unit)."""
     return [float(threshold_voltage_v) / (float(b) - float(a)) for a, b in windows]
+
+
+def neuron_energy_terms(thresholds: torch.Tensor, capacitance_f: Number,
+                        transmission_energy_j: float, volts_per_unit: float,
+                        shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-neuron constants of :func:`layer_energy`, flattened over ``shape``.
+
+    Returns ``(e_fire, half_cu2)``, float64 of ``prod(shape)`` each: ``e_fire`` = T_r +
+    C_i (v theta_i)^2 / 2 joules (what a neuron that fires costs) and ``half_cu2`` = C_i v^2 / 2
+    joules per squared potential unit (a silent neuron costs ``half_cu2 * V(t_max)^2``).
+    ``thresholds`` and ``capacitance_f`` must broadcast to ``shape`` (potential units, farads).
+    """
+    u = float(volts_per_unit)
+    theta = torch.as_tensor(thresholds, dtype=torch.float64)
+    cap = torch.as_tensor(capacitance_f, dtype=torch.float64)
+    half_cu2 = (0.5 * u * u) * cap.expand(shape).reshape(-1)
+    e_fire = float(transmission_energy_j) + half_cu2 * theta.expand(shape).reshape(-1) ** 2
+    return e_fire, half_cu2
 
 
 def layer_energy(spiked: torch.Tensor, thresholds: torch.Tensor, v_tmax: torch.Tensor,
@@ -56,8 +74,7 @@ def layer_energy(spiked: torch.Tensor, thresholds: torch.Tensor, v_tmax: torch.T
     batch = spiked.shape[0]
     if theta.dim() <= len(shape) and cap.dim() <= len(shape):
         # per-neuron constants: E = s . (T_r + C theta^2 u^2 / 2) + (v^2 masked) . (C u^2 / 2)
-        half_cu2 = (0.5 * u * u) * cap.expand(shape).reshape(-1)
-        e_fire = float(transmission_energy_j) + half_cu2 * theta.expand(shape).reshape(-1) ** 2
+        e_fire, half_cu2 = neuron_energy_terms(theta, cap, transmission_energy_j, u, shape)
         s = spiked.reshape(batch, -1).to(torch.float64)
         v_sil = v.expand(spiked.shape).reshape(batch, -1) * torch.rsub(s, 1.0)
         return s @ e_fire + (v_sil * v_sil) @ half_cu2

@@ -1,10 +1,21 @@
 """Putting a :class:`~hwloop.ttfs.TTFSNetwork` on a :class:`~hwloop.devices.base.TTFSDevice`.
 
 * :func:`network_to_spec`: the topology and windows a device sees (:class:`NetworkSpec`).
+* :func:`write_layer`: **the one write-and-verify path** of the host: write one layer's codes
+  and scale and/or thresholds, and read them back to compare only when the driver does not
+  verify its own writes (``device.verifies_writes``: a serial/VISA driver checks every write by
+  CRC); retried, :class:`~hwloop.errors.WriteVerifyError` naming the layer otherwise.
+  :func:`program_network`, :func:`reprogram`, :meth:`hwloop.train.hil.HILTrainer.write_back`,
+  its scale rescale and the calibration probes (:mod:`hwloop.calibrate.probes`) all write
+  through it.
 * :func:`program_network`: program the topology, quantise and write every weight layer, write
-  thresholds (readout: its bias as offsets), read everything back and verify.
-* :func:`write_network_weights`: the per-step part of hardware-in-the-loop training (quantise the
-  float shadow weights, write, verify).
+  thresholds (readout: its bias as offsets), verified.
+* :func:`reprogram`: put a saved :class:`ProgramState` back on a device exactly, verified.
+* :func:`write_network_weights` / :func:`write_network_thresholds`: the two passes of
+  :func:`program_network`.
+* :func:`weight_layer_indices`: the one rule for which layers hold weights (and thresholds).
+* :func:`mapping_hints`: the one place that reads what an emulator tells beyond the device
+  contract (float weights, the profile's window and clip percentiles).
 * :func:`dequantized_network`: the network the host believes is on the chip (weights = codes x
   scale).
 * :func:`layer_thresholds`: the one rule for what a layer's thresholds are: computed with the
@@ -23,21 +34,21 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from hwloop.devices.base import LayerSpec, NetworkSpec, TTFSDevice
-from hwloop.devices.profile import default_clip_percentile
 from hwloop.errors import DeviceLimitError, WriteVerifyError
-from hwloop.quant import _quantiles, quantize_weights
+from hwloop.quant import _quantiles, code_range, default_clip_percentile, quantize_weights
 from hwloop.ttfs.layers import Flatten, NeuronLayer, Readout, SpikingConv2d, SpikingDense, SpikingMaxPool2d
 from hwloop.ttfs.network import TTFSNetwork
 
 __all__ = [
-    "ProgramState", "apply_windows", "dequantized_network", "latency_windows", "layer_thresholds",
-    "network_thresholds", "network_to_spec", "program_network", "quantize_network",
-    "write_network_thresholds", "write_network_weights",
+    "MappingHints", "ProgramState", "WriteCount", "apply_windows", "dequantized_network",
+    "latency_windows", "layer_thresholds", "mapping_hints", "network_thresholds",
+    "network_to_spec", "program_network", "quantize_fixed", "quantize_network", "reprogram",
+    "weight_layer_indices", "write_layer", "write_network_thresholds", "write_network_weights",
 ]
 
 
@@ -53,6 +64,11 @@ class ProgramState:
             offsets (its bias) for the readout.
         weight_bits: q used for the codes; None = float weights.
         clip_percentile: the outlier percentile used (None with float weights).
+        compensation: optional; the calibration compensation the codes and thresholds were
+            computed with (a :class:`hwloop.calibrate.compensate.Compensation`, set by
+            :func:`hwloop.calibrate.compensate.program_calibrated`), None for an uncalibrated
+            chip. Anything with ``effective_weight(layer, weight) -> weight`` will do.
+        record_hash: optional; the content hash of that calibration record ("" if none).
     """
 
     spec: NetworkSpec
@@ -60,6 +76,34 @@ class ProgramState:
     thresholds: dict[int, torch.Tensor] = field(default_factory=dict)
     weight_bits: Optional[int] = None
     clip_percentile: Optional[float] = None
+    compensation: Optional[Any] = None
+    record_hash: str = ""
+
+    def effective_weight(self, layer: int, codes: torch.Tensor, scale: float) -> torch.Tensor:
+        """The weights the chip effectively applies for ``(codes, scale)`` of ``layer``
+        (float64): codes x scale, times the calibrated gains when there is a compensation.
+        The trainer's nominal network uses it."""
+        w = codes.to(torch.float64) * float(scale)
+        return w if self.compensation is None else self.compensation.effective_weight(layer, w)
+
+
+@dataclass(frozen=True)
+class MappingHints:
+    """What a device tells beyond the contract (:func:`mapping_hints`)."""
+
+    float_weights: bool = False  # it stores float weights (the ideal emulator)
+    window_percentile: Optional[float] = None  # its profile's deployment window percentile
+    weight_clip_percentile: Optional[float] = None  # its profile's outlier percentile
+
+
+def mapping_hints(device: TTFSDevice) -> MappingHints:
+    """The one place that reads optional, emulator-only attributes of a device
+    (``float_weights``, ``profile.window_percentile``, ``profile.weight_clip_percentile``);
+    a chip behind a link has none of them and gets the defaults."""
+    prof = getattr(device, "profile", None)
+    return MappingHints(float_weights=bool(getattr(device, "float_weights", False)),
+                        window_percentile=getattr(prof, "window_percentile", None),
+                        weight_clip_percentile=getattr(prof, "weight_clip_percentile", None))
 
 
 def network_to_spec(net: TTFSNetwork) -> NetworkSpec:
@@ -106,14 +150,15 @@ def network_to_spec(net: TTFSNetwork) -> NetworkSpec:
     return NetworkSpec(input_shape=tuple(net.input_shape), t_max0=float(net.t_max0), layers=tuple(layers))
 
 
-def _weight_layers(net: TTFSNetwork) -> list[int]:
+def weight_layer_indices(net: TTFSNetwork) -> list[int]:
+    """The layers of ``net`` that hold weights and thresholds (neuron layers, the readout)."""
     return [i for i, l in enumerate(net.layers) if isinstance(l, (NeuronLayer, Readout))]
 
 
 def _resolve_bits(device: TTFSDevice, weight_bits: Optional[int]) -> Optional[int]:
     info = device.info()
     if weight_bits is None:
-        return None if getattr(device, "float_weights", False) else int(info.weight_bits)
+        return None if mapping_hints(device).float_weights else int(info.weight_bits)
     if int(weight_bits) > int(info.weight_bits):
         raise DeviceLimitError(f"weight_bits={weight_bits} exceeds the device's weight_bits="
                                f"{info.weight_bits} ({info.device_id})")
@@ -126,7 +171,7 @@ def quantize_network(net: TTFSNetwork, weight_bits: Optional[int],
     when ``weight_bits`` is None). Warns (UserWarning naming the layer index) for a layer that
     loses most of its signal to quantisation (:func:`hwloop.quant.quantize_weights`)."""
     out = {}
-    for i in _weight_layers(net):
+    for i in weight_layer_indices(net):
         w = net.layers[i].weight.detach()
         if weight_bits is None:
             out[i] = (w.to(torch.float64).clone(), 1.0)
@@ -175,47 +220,117 @@ def network_thresholds(net: TTFSNetwork,
 
     ``weights`` (``{layer: (codes, scale)}``, e.g. :attr:`ProgramState.weights`): compute them
     with the written weights (:func:`layer_thresholds`); None: with ``net``'s own weights."""
-    out = {}
-    for i, layer in enumerate(net.layers):
-        if not isinstance(layer, (NeuronLayer, Readout)):
-            continue
-        if weights is None:
-            out[i] = (layer.bias.detach().to(torch.float64).clone() if isinstance(layer, Readout)
-                      else layer.neuron_thresholds(tuple(net.shapes[i])).to(torch.float64))
-        else:
-            out[i] = layer_thresholds(net, i, *weights[i])
-    return out
+    return {i: layer_thresholds(net, i, *(weights[i] if weights is not None
+                                          else (net.layers[i].weight.detach(), 1.0)))
+            for i in weight_layer_indices(net)}
+
+
+def quantize_fixed(w: torch.Tensor, scale: float, bits: Optional[int]) -> torch.Tensor:
+    """Codes of ``w`` on a fixed step ``scale`` (rounded, clipped to the q-bit range,
+    :func:`hwloop.quant.code_range`).
+
+    ``bits=None``: a float device (ideal emulator) stores the float64 weights themselves."""
+    if bits is None:
+        return w.detach().to(torch.float64).clone()
+    lo, hi = code_range(bits)
+    return torch.clamp(torch.round(w.detach().to(torch.float64) / scale), lo, hi).to(torch.int64)
+
+
+# ---------------------------------------------------------------------------- the write path
+@dataclass
+class WriteCount:
+    """Device calls made by :func:`write_layer`: ``writes`` (``write_weights`` /
+    ``write_thresholds``) and ``reads`` (read-backs to verify)."""
+
+    writes: int = 0
+    reads: int = 0
+
+    @property
+    def calls(self) -> int:
+        return self.writes + self.reads
+
+
+def write_layer(device: TTFSDevice, i: int, codes: Optional[torch.Tensor] = None,
+                scale: float = 1.0, thresholds: Optional[torch.Tensor] = None, *,
+                retries: int = 0, verify: bool = True, count: Optional[WriteCount] = None,
+                what: str = "") -> WriteCount:
+    """Write layer ``i``'s ``codes`` and ``scale`` and/or its ``thresholds`` (None: not
+    written) and make sure the chip holds them: the one write-and-verify path of the host.
+
+    A driver whose ``verifies_writes`` is true checks each write itself (CRC, or read-back in
+    the driver) and raises :class:`WriteVerifyError` on a mismatch: nothing is read back
+    again. Otherwise (and with ``verify``) both are read back and compared exactly (codes,
+    shape and scale; thresholds as float64); a mismatch is written again up to ``retries``
+    times. ``count`` (updated in place, also when it raises) counts the device calls.
+
+    Returns:
+        ``count`` (a new :class:`WriteCount` if None was given).
+
+    Raises:
+        WriteVerifyError: the read-back still differs after ``retries`` retries
+            (``layers == [i]``; ``what`` prefixes the message).
+    """
+    count = WriteCount() if count is None else count
+    for _ in range(int(retries) + 1):
+        if codes is not None:
+            device.write_weights(i, codes, scale)
+            count.writes += 1
+        if thresholds is not None:
+            device.write_thresholds(i, thresholds)
+            count.writes += 1
+        if not verify or device.verifies_writes:
+            return count  # the driver checked the chip's copy itself (CRC / read-back)
+        ok = True
+        if codes is not None:
+            rc, rs = device.read_weights(i)
+            count.reads += 1
+            ok &= (tuple(rc.shape) == tuple(codes.shape) and float(rs) == float(scale)
+                   and torch.equal(rc.to(codes.dtype), codes))
+        if thresholds is not None:
+            count.reads += 1
+            ok &= torch.equal(device.read_thresholds(i).to(torch.float64),
+                              thresholds.to(torch.float64))
+        if ok:
+            return count
+    parts = " and ".join(p for p, v in (("weights", codes), ("thresholds", thresholds)) if v is not None)
+    raise WriteVerifyError(f"{what}layer {i}: {parts} read back differ from what was written"
+                           + (f" after {retries} retries" if retries else ""), layers=[i])
+
+
+def _write_all(device: TTFSDevice, items: dict, verify: bool, what: str) -> None:
+    """:func:`write_layer` for ``{layer: (codes, scale, thresholds)}``; every layer is written
+    before a :class:`WriteVerifyError` names all those that did not verify."""
+    bad = []
+    for i, (codes, scale, theta) in items.items():
+        try:
+            write_layer(device, i, codes, scale, theta, verify=verify)
+        except WriteVerifyError as exc:
+            if exc.layers != [i]:
+                raise
+            bad.append(i)
+    if bad:
+        raise WriteVerifyError(f"{what}: layers {bad} did not verify (read back differs from "
+                               "what was written)", layers=bad)
 
 
 def write_network_weights(device: TTFSDevice, net: TTFSNetwork, weight_bits: Optional[int] = None,
                           clip_percentile: Optional[float] = None,
                           verify: bool = True) -> dict[int, tuple[torch.Tensor, float]]:
-    """Quantise and write every weight layer; read back and verify.
+    """Quantise and write every weight layer, verified (:func:`write_layer`).
 
     Returns the written ``{layer: (codes, scale)}``. Raises :class:`WriteVerifyError` naming
     the layers whose read-back differs.
     """
     bits = _resolve_bits(device, weight_bits)
     written = quantize_network(net, bits, clip_percentile)
-    for i, (codes, scale) in written.items():
-        device.write_weights(i, codes, scale)
-    if verify:
-        bad = []
-        for i, (codes, scale) in written.items():
-            rc, rs = device.read_weights(i)
-            if (tuple(rc.shape) != tuple(codes.shape) or float(rs) != float(scale)
-                    or not torch.equal(rc.to(codes.dtype), codes)):
-                bad.append(i)
-        if bad:
-            raise WriteVerifyError(f"weights read back from layers {bad} differ from what was "
-                                   "written", layers=bad)
+    _write_all(device, {i: (c, s, None) for i, (c, s) in written.items()}, verify, "weights")
     return written
 
 
 def write_network_thresholds(device: TTFSDevice, net: TTFSNetwork, verify: bool = True,
                              weights: Optional[dict[int, tuple[torch.Tensor, float]]] = None
                              ) -> dict[int, torch.Tensor]:
-    """Write theta of every neuron layer and the readout offsets; read back and verify.
+    """Write theta of every neuron layer and the readout offsets, verified (:func:`write_layer`).
 
     Pass the written ``weights`` (``{layer: (codes, scale)}``) when weights are quantised: a
     conv input shift's contribution to the thresholds then uses them (:func:`layer_thresholds`);
@@ -226,14 +341,7 @@ def write_network_thresholds(device: TTFSDevice, net: TTFSNetwork, verify: bool 
     Raises:
         WriteVerifyError: read-back differs (names the layers)."""
     written = network_thresholds(net, weights)
-    for i, v in written.items():
-        device.write_thresholds(i, v)
-    if verify:
-        bad = [i for i, v in written.items()
-               if not torch.equal(device.read_thresholds(i).to(torch.float64), v)]
-        if bad:
-            raise WriteVerifyError(f"thresholds read back from layers {bad} differ from what was "
-                                   "written", layers=bad)
+    _write_all(device, {i: (None, 1.0, v) for i, v in written.items()}, verify, "thresholds")
     return written
 
 
@@ -247,7 +355,8 @@ def program_network(device: TTFSDevice, net: TTFSNetwork, weight_bits: Optional[
             :func:`latency_windows` / :func:`apply_windows` if the profile asks for it).
         weight_bits: code width; None = the device's (float weights on a float-weight device).
         clip_percentile: outlier percentile (None: 1, or 4 for <= 4 bits).
-        verify: read back and compare.
+        verify: verify every write (:func:`write_layer`: by read-back unless the driver
+            verifies its own writes).
 
     Raises:
         DeviceLimitError: the network does not fit, or ``weight_bits`` exceeds the device's.
@@ -265,6 +374,19 @@ def program_network(device: TTFSDevice, net: TTFSNetwork, weight_bits: Optional[
         clip = default_clip_percentile(bits) if clip_percentile is None else float(clip_percentile)
     return ProgramState(spec=spec, weights=weights, thresholds=thresholds, weight_bits=bits,
                         clip_percentile=clip)
+
+
+def reprogram(device: TTFSDevice, state: ProgramState) -> None:
+    """Put a saved :class:`ProgramState` back on a device exactly (its spec, codes, scales and
+    thresholds), verified (:func:`write_layer`).
+
+    Raises:
+        WriteVerifyError: names every layer that did not verify."""
+    device.program(state.spec)
+    items = {i: (codes, float(scale), state.thresholds.get(i))
+             for i, (codes, scale) in state.weights.items()}
+    items.update({i: (None, 1.0, v) for i, v in state.thresholds.items() if i not in items})
+    _write_all(device, dict(sorted(items.items())), True, "reprogramming the saved state")
 
 
 def dequantized_network(net: TTFSNetwork, state: ProgramState) -> TTFSNetwork:

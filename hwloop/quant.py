@@ -29,14 +29,20 @@ from typing import Optional
 
 import torch
 
-from hwloop.devices.profile import default_clip_percentile
-
-__all__ = ["code_range", "dequantize", "fired_indicator", "quantize_times", "quantize_weights",
-           "signal_loss", "silence_", "silence_where_", "time_grid"]
+__all__ = ["code_range", "default_clip_percentile", "dequantize", "fired_indicator",
+           "quantize_times", "quantize_weights", "signal_loss", "silence_", "silence_where_",
+           "tick_index_", "time_grid"]
 
 #: Tolerance, in steps, below which a time counts as lying on a tick (float rounding).
 TICK_TOL = 1e-9
 _QUANTILE_MAX = 2 ** 24 - 1  # torch.quantile's input size limit
+
+
+def default_clip_percentile(bits: Optional[int]) -> float:
+    """Methods (iii): remove the 1st/99th percentiles (4th/96th for 4 bits or fewer)."""
+    if bits is None:
+        return 0.0
+    return 4.0 if bits <= 4 else 1.0
 
 
 def code_range(bits: int) -> tuple[int, int]:
@@ -152,7 +158,7 @@ def _warn_signal_loss(w64, nz, codes, scale, bits, layer) -> None:
     if bits is not None and mass <= SIGNAL_LOSS_WARN:
         # the range itself may be wrong: what the clip percentile called outliers can carry the
         # signal. Clipping loses |w| - range of each clipped weight; most of the mass lost warns.
-        lo, hi = -(2 ** (int(bits) - 1)), 2 ** (int(bits) - 1) - 1
+        lo, hi = code_range(bits)
         excess = torch.clamp(w64.abs() - hi * scale, min=0.0)
         clipped_mass = float(excess.sum() / w64.abs().sum())
         if clipped_mass > CLIP_LOSS_WARN:
@@ -208,11 +214,20 @@ def quantize_times(t: torch.Tensor, t_min: float, t_max: float, steps: int,
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     dt = (t_max - t_min) / steps
-    k = torch.sub(t, t_min + TICK_TOL * dt, out=out).mul_(1.0 / dt).ceil_().clamp_(min=0.0)
+    k = tick_index_(t, t_min, dt, out=out)
     # steps - k is an integer (>= 1 on the grid, <= 0 at t_max or later, -inf for +inf), so
     # clamping it to [0, 1] is already the fired indicator (never -0.0: x - x is +0.0)
     fired = torch.rsub(k, float(steps)).clamp_(0.0, 1.0)
     return silence_where_(k.mul_(dt).add_(t_min), fired)
+
+
+def tick_index_(t: torch.Tensor, t_min: float, dt: float,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The ceil rule: the index k = max(ceil((t - t_min) / dt), 0) of the tick at or after each
+    time ``t`` (tau_c) on the grid t_min + k dt (a time within ``TICK_TOL`` steps above a tick
+    stays on it). Float tensor, ``+inf`` for ``+inf``; written into ``out`` (may be ``t``: in
+    place). ``t_max`` is tick K: a caller silences k >= K (:func:`quantize_times`)."""
+    return torch.sub(t, t_min + TICK_TOL * dt, out=out).mul_(1.0 / dt).ceil_().clamp_(min=0.0)
 
 
 def fired_indicator(room: torch.Tensor) -> torch.Tensor:

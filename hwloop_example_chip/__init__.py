@@ -3,7 +3,7 @@
 ``docs/drivers.md`` walks through it. Three parts:
 
 * :mod:`hwloop_example_chip.server`: the virtual XC-1, a TCP server on loopback whose physics is
-  the hwloop emulator (:class:`hwloop.devices.emulator.EmulatorDevice`);
+  the hwloop emulator (:class:`hwloop.emulator.device.EmulatorDevice`);
 * :mod:`hwloop_example_chip.driver`: :class:`ExampleChipDevice`, the
   :class:`~hwloop.devices.base.TTFSDevice` that speaks to it;
 * :func:`open_device`: the opener registered in ``pyproject.toml`` under the entry-point group

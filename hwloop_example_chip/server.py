@@ -1,6 +1,6 @@
 """The virtual XC-1 chip: a TCP server on loopback that speaks the XC-1 ASCII command set
 (``hwloop_example_chip/__init__.py`` documents it) and uses an
-:class:`hwloop.devices.emulator.EmulatorDevice` as its physics.
+:class:`hwloop.emulator.device.EmulatorDevice` as its physics.
 
 What makes it "a chip with its own command set" rather than the hwloop protocol: windows and
 spike times are integer clock ticks (1024 per tau_c), weights are written one row per line with
@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 
 from hwloop.devices.base import LayerSpec, NetworkSpec
-from hwloop.devices.emulator import EmulatorDevice
-from hwloop.devices.profile import DeviceProfile, load_profile
+from hwloop.emulator.device import EmulatorDevice
+from hwloop.emulator.profile import DeviceProfile, load_profile
 from hwloop.errors import HwloopError
 
 __all__ = ["ExampleChip", "TICKS_PER_TAU", "example_physics", "serve_example_chip"]

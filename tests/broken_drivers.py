@@ -11,14 +11,15 @@ import torch
 
 from hwloop.devices.base import TTFSDevice, check_codes
 from hwloop.errors import DeviceError
+from hwloop.quant import code_range
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def base_device(**update):
     """The correct chip underneath: the analog profile, no jitter, adaptive windows."""
-    from hwloop.devices.emulator import EmulatorDevice
-    from hwloop.devices.profile import load_profile
+    from hwloop.emulator.device import EmulatorDevice
+    from hwloop.emulator.profile import load_profile
     prof = load_profile(ROOT / "devices" / "emulator-analog.yaml").model_copy(
         update={"jitter_sd": 0.0, "adaptive_windows": True, **update})
     return EmulatorDevice.from_profile(prof, chip_seed=3, jitter_seed=0)
@@ -97,8 +98,7 @@ class SilentClipWrite(Wrapper):
     """Clips out-of-range weight codes into range instead of refusing the write."""
 
     def write_weights(self, layer, codes, scale):
-        q = self.info().weight_bits
-        self.inner.write_weights(layer, torch.as_tensor(codes).clamp(-(2 ** (q - 1)), 2 ** (q - 1) - 1),
+        self.inner.write_weights(layer, torch.as_tensor(codes).clamp(*code_range(self.info().weight_bits)),
                                  scale)
 
 

@@ -26,7 +26,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s %(message)s")
     from fakes import FakeB1Device
-    from hwloop.devices.server import serve
+    from hwloop.chip.server import serve
     kw = {} if args.idle_timeout is None else {"idle_timeout": args.idle_timeout}
     chip = serve(FakeB1Device(), transport="tcp", dialect=args.dialect, **kw)
     if args.nofile:

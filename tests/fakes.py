@@ -21,6 +21,7 @@ import torch
 from hwloop.devices.base import (DeviceInfo, DeviceRecord, NetworkSpec, TTFSDevice, check_codes,
                                  check_fits)
 from hwloop.errors import DeviceError
+from hwloop.quant import code_range
 
 
 def fake_info(**kw) -> DeviceInfo:
@@ -170,7 +171,7 @@ def small_spec(n_in: int = 12, hidden: int = 10, n_out: int = 4) -> NetworkSpec:
 def random_params(spec: NetworkSpec, seed: int = 0, bits: int = 8):
     """Weight codes/scales and thresholds that make a good share of neurons fire."""
     g = torch.Generator().manual_seed(seed)
-    hi = 2 ** (bits - 1) - 1
+    hi = code_range(bits)[1]
     weights, thresholds = {}, {}
     for i, l in enumerate(spec.layers):
         if l.weight_shape:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from hwloop.data.idx import read_idx, read_idx_header
-from hwloop.devices.profile import load_profile
-from hwloop.devices.serial_device import SerialDevice
-from hwloop.devices.server import serve
+from hwloop.emulator.profile import load_profile
+from hwloop.wire.serial_device import SerialDevice
+from hwloop.chip.server import serve
 from hwloop.errors import DataError, DeviceError, ProfileError
 
 from fakes import FakeB1Device
@@ -79,7 +79,7 @@ def test_ipv6_url_can_be_opened():
 
 def test_refused_visa_connection_says_so():
     pytest.importorskip("pyvisa")
-    from hwloop.devices.visa_device import VisaDevice
+    from hwloop.wire.visa_device import VisaDevice
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

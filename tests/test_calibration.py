@@ -18,8 +18,8 @@ from hwloop.calibrate import (CalibratedProgramState, CalibrationOptions, calibr
                               load_record, program_calibrated, save_record)
 from hwloop.calibrate.fit import invert_quantised_variance, quantised_variance
 from hwloop.calibrate.record import check_record_matches
-from hwloop.devices.emulator import EmulatorDevice
-from hwloop.devices.profile import load_profile
+from hwloop.emulator.device import EmulatorDevice
+from hwloop.emulator.profile import load_profile
 from hwloop.errors import CalibrationError
 from hwloop.mapping import apply_windows, latency_windows, network_to_spec, program_network
 from hwloop.ttfs import convert
@@ -261,7 +261,7 @@ def test_serial_and_visa_give_the_same_record_as_in_process():
     pytest.importorskip("serial")
     pytest.importorskip("pyvisa")
     from hwloop.devices.open import open_device
-    from hwloop.devices.server import serve
+    from hwloop.chip.server import serve
     from fakes import small_spec
 
     spec = small_spec(n_in=12, hidden=10, n_out=4)

@@ -31,8 +31,8 @@ def assert_passes(rep, skips=()):
     ("emulator-ideal", {}, (), "exact"),
 ])
 def test_suite_passes_on_the_emulator(profile, update, skips, mode):
-    from hwloop.devices.emulator import EmulatorDevice
-    from hwloop.devices.profile import load_profile
+    from hwloop.emulator.device import EmulatorDevice
+    from hwloop.emulator.profile import load_profile
     prof = load_profile(ROOT / "devices" / f"{profile}.yaml").model_copy(update=update)
     rep = check_device(EmulatorDevice.from_profile(prof, chip_seed=3, jitter_seed=0))
     assert_passes(rep, skips + ("timeout", "hangup"))  # in process: no link to stall or cut
@@ -61,7 +61,7 @@ def _hooks(chip, delay=1.5):
     ("tcp", "scpi", {"timeout": 0.5}),
 ])
 def test_suite_passes_over_serial_and_visa(transport, dialect, kw):
-    from hwloop.devices.server import serve
+    from hwloop.chip.server import serve
     chip = serve(base_device(), transport=transport, dialect=dialect)
     try:
         stall, hangup = _hooks(chip)
@@ -136,7 +136,7 @@ def test_characterise_finds_dead_and_stuck_neurons(tmp_path):
 def test_cli_check_device_exit_code_on_failure(tmp_path, monkeypatch):
     from broken_drivers import LostSpike
     from hwloop.cli import main
-    import hwloop.train.finetune as ft
-    monkeypatch.setattr(ft, "open_named_device", lambda name, seed=None: LostSpike())
+    import hwloop.devices.open as device_open
+    monkeypatch.setattr(device_open, "open_named_device", lambda name, seed=None: LostSpike())
     assert main(["check-device", "whatever.yaml", "--out", str(tmp_path)]) == 1
     assert "counts_consistent" in json.loads((tmp_path / "conformance.json").read_text())["failed"]

@@ -1,5 +1,5 @@
-"""The emulator (hwloop.devices.emulator), the mapping (hwloop.mapping) and the time-stepped
-reference (hwloop.devices.reference)."""
+"""The emulator (hwloop.emulator.device), the mapping (hwloop.mapping) and the time-stepped
+reference (hwloop.emulator.reference)."""
 
 import copy
 import json
@@ -16,9 +16,9 @@ import yaml
 from torch import nn
 
 from hwloop import convert
-from hwloop.devices.emulator import EmulatorDevice
-from hwloop.devices.profile import validate_profile
-from hwloop.devices.reference import reference_run
+from hwloop.emulator.device import EmulatorDevice
+from hwloop.emulator.profile import validate_profile
+from hwloop.emulator.reference import reference_run
 from hwloop.energy import network_energy
 from hwloop.errors import DeviceError, DeviceLimitError, WriteVerifyError
 from hwloop.mapping import (apply_windows, dequantized_network, latency_windows, network_to_spec,
@@ -421,8 +421,8 @@ def test_weight_quantisation_matches_dequantized_net(conv):
 
 _FROZEN_SNIPPET = r"""
 import json, sys, torch
-from hwloop.devices.emulator import EmulatorDevice
-from hwloop.devices.profile import load_profile
+from hwloop.emulator.device import EmulatorDevice
+from hwloop.emulator.profile import load_profile
 from hwloop.mapping import network_to_spec
 from hwloop import convert
 from torch import nn

@@ -10,10 +10,11 @@ from torch import nn
 
 import hwloop
 from hwloop.data.datasets import synthetic_dataset
-from hwloop.devices.emulator import EmulatorDevice
+from hwloop.emulator.device import EmulatorDevice
 from hwloop.errors import CheckpointError, WriteVerifyError
 from hwloop.mapping import program_network
-from hwloop.train.finetune import FinetuneOptions, REPO_ROOT, run_finetune
+from hwloop.train.finetune import run_finetune
+from hwloop.train.options import REPO_ROOT, FinetuneOptions
 from hwloop.train.hil import FinetuneConfig, HILTrainer, evaluate_device
 
 IDEAL = str(REPO_ROOT / "devices" / "emulator-ideal.yaml")

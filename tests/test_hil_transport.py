@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from hwloop.devices.emulator import EmulatorDevice
-from hwloop.devices.server import FaultConfig, serve
+from hwloop.emulator.device import EmulatorDevice
+from hwloop.chip.server import FaultConfig, serve
 from hwloop.errors import DeviceError
 from hwloop.train.checkpoint import load_checkpoint
-from hwloop.train.finetune import REPO_ROOT, FinetuneOptions, run_finetune
+from hwloop.train.finetune import run_finetune
+from hwloop.train.options import REPO_ROOT, FinetuneOptions
 from hwloop.train.hil import FinetuneConfig
 
 ANALOG = str(REPO_ROOT / "devices" / "emulator-analog.yaml")
@@ -89,7 +90,7 @@ def test_resume_on_a_virtual_chip_with_another_model_is_refused(clean, dialect):
     jitter 10x) is not the same chip: resume is refused, naming the model digest. The same
     chip restarted on another port resumes (test above)."""
     from hwloop.devices.open import open_device
-    from hwloop.devices.profile import load_profile
+    from hwloop.emulator.profile import load_profile
     from hwloop.errors import CheckpointError
     tmp, _ = clean
     from hwloop.train.finetune import _Interrupt

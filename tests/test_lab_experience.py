@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import hwloop.cli as cli
-from hwloop.train import finetune as fin
+from hwloop.devices.open import resolve_device_name
+from hwloop.train import twin
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--train-subset", "120", "--test-subset", "60",
@@ -117,12 +118,12 @@ def test_resume_of_a_run_without_checkpoint_says_so(xdg, tmp_path, capsys):
 
 # ------------------------------------------------------------------ (2) devices
 def test_bare_profile_names_and_the_device_first(xdg, tmp_path, capsys, monkeypatch):
-    assert fin.resolve_device_name("emulator-harsh") == str(ROOT / "devices" / "emulator-harsh.yaml")
-    assert fin.resolve_device_name("socket://localhost:9") == "socket://localhost:9"
+    assert resolve_device_name("emulator-harsh") == str(ROOT / "devices" / "emulator-harsh.yaml")
+    assert resolve_device_name("socket://localhost:9") == "socket://localhost:9"
 
     def no_training(*a, **k):
         raise AssertionError("the twin was trained before the device was opened")
-    monkeypatch.setattr(fin, "relu_twin", no_training)
+    monkeypatch.setattr(twin, "relu_twin", no_training)
     for cmd in (["evaluate"], ["finetune"]):
         rc, _, err = hw(capsys, *cmd, "--device", "no-such-chip.yaml", *TINY, "--out", tmp_path / cmd[0])
         assert rc == 2 and "no-such-chip" in err, err

@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 
 from hwloop.devices.open import open_device
-from hwloop.devices.serial_device import SerialDevice
-from hwloop.devices.server import FaultConfig, serve
+from hwloop.wire.serial_device import SerialDevice
+from hwloop.chip.server import FaultConfig, serve
 from hwloop.errors import DeviceError
 
 from fakes import FakeB1Device, grid_inputs, random_params, small_spec
@@ -103,7 +103,8 @@ def test_options_reach_the_host_through_the_device_string():
 # Fine-tuning through a noisy link
 # ------------------------------------------------------------------------------------------------
 
-from hwloop.train.finetune import REPO_ROOT, FinetuneOptions, run_finetune  # noqa: E402
+from hwloop.train.finetune import run_finetune  # noqa: E402
+from hwloop.train.options import REPO_ROOT, FinetuneOptions  # noqa: E402
 from hwloop.train.hil import FinetuneConfig  # noqa: E402
 
 ANALOG = str(REPO_ROOT / "devices" / "emulator-analog.yaml")
@@ -119,7 +120,7 @@ def _opts(tmp, name, device, chip_seed=None):
 
 
 def _through(tmp, name, rate):
-    from hwloop.devices.emulator import EmulatorDevice
+    from hwloop.emulator.device import EmulatorDevice
     chip = serve(EmulatorDevice.from_profile(ANALOG, chip_seed=CHIP_SEED), transport="tcp",
                  faults=FaultConfig(bit_flip_rate=rate, seed=11) if rate else None)
     try:

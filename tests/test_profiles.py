@@ -1,4 +1,4 @@
-"""Device profiles (hwloop.devices.profile) and ``hwloop devices list/show/scan``."""
+"""Device profiles (hwloop.emulator.profile) and ``hwloop devices list/show/scan``."""
 
 import argparse
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hwloop.devices.profile import (DeviceProfile, field_rows, list_profiles, load_profile,
+from hwloop.emulator.profile import (DeviceProfile, field_rows, list_profiles, load_profile,
                                     profiles_dir, validate_profile)
 from hwloop.errors import ProfileError
 

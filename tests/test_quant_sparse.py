@@ -14,11 +14,11 @@ from torch import nn
 
 import hwloop
 from hwloop.data.datasets import synthetic_dataset
-from hwloop.devices.emulator import EmulatorDevice
-from hwloop.devices.profile import load_profile
+from hwloop.emulator.device import EmulatorDevice
+from hwloop.emulator.profile import load_profile
 from hwloop.mapping import dequantized_network, program_network, quantize_network
 from hwloop.quant import code_range, dequantize, quantize_weights, signal_loss
-from hwloop.train.finetune import REPO_ROOT
+from hwloop.train.options import REPO_ROOT
 from hwloop.train.hil import evaluate_device, evaluate_net
 
 IDEAL = str(REPO_ROOT / "devices" / "emulator-ideal.yaml")

@@ -18,8 +18,13 @@ from hypothesis import strategies as st
 
 from hwloop.data.idx import write_idx
 from hwloop.errors import CheckpointError, DatasetNotFound
+from hwloop.provenance import file_sha256
+from hwloop.train import evaluation as tev
 from hwloop.train import finetune as fin
-from hwloop.train.finetune import FinetuneOptions, run_finetune
+from hwloop.train import twin
+from hwloop.train.checkpoint import load_checkpoint
+from hwloop.train.finetune import run_finetune
+from hwloop.train.options import FinetuneOptions, input_mismatches, option_mismatches
 from hwloop.train.hil import FinetuneConfig
 from hwloop.train.lock import FolderLock
 
@@ -98,7 +103,7 @@ def test_resume_with_adaptive_windows_is_bit_identical(tmp_path, monkeypatch):
     """The ideal profile adapts windows (Eq. (8)); before the fix the resumed chip was programmed
     with the mapped windows but the adapted thresholds: the network went silent (0 spikes,
     chance accuracy) with exit code 0."""
-    from hwloop.devices.emulator import EmulatorDevice
+    from hwloop.emulator.device import EmulatorDevice
     three = {"finetune": {"epochs": 3}}
     full_out = tmp_path / "full"
     full = run_finetune(options(full_out, tmp_path / "cache", **three), log=quiet)
@@ -117,17 +122,17 @@ def test_resume_during_the_final_evaluation(tmp_path, uninterrupted, monkeypatch
     full_out, full = uninterrupted("emulator-ideal.yaml")
     opts = options(tmp_path / "part", full_out.parent / "cache")
     calls = {"n": 0}
-    real = fin.evaluate_device
+    real = tev.evaluate_device
 
     def dying(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:  # the evaluation after fine-tuning
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(fin, "evaluate_device", dying)
+    monkeypatch.setattr(tev, "evaluate_device", dying)
     with pytest.raises(KeyboardInterrupt):
         run_finetune(opts, log=quiet)
-    monkeypatch.setattr(fin, "evaluate_device", real)
+    monkeypatch.setattr(tev, "evaluate_device", real)
     rep = run_finetune(opts.model_copy(update={"resume": True}), log=quiet)
     assert_same_run(full_out, full, opts.out, rep)
 
@@ -222,14 +227,14 @@ def test_resume_on_another_calibration_record_is_refused(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     shutil.copy(rec, a)
     opts = options(tmp_path / "run", tmp_path / "cache")
-    saved_inputs = {"calibration_sha256": fin.file_sha256(str(a))}
-    now = {"calibration_sha256": fin.file_sha256(str(rec))}
-    assert fin.input_mismatches(saved_inputs, now) == []
+    saved_inputs = {"calibration_sha256": file_sha256(str(a))}
+    now = {"calibration_sha256": file_sha256(str(rec))}
+    assert input_mismatches(saved_inputs, now) == []
     b.write_text(a.read_text().replace("}", " }", 1))  # same record, other bytes: content differs
-    assert fin.input_mismatches(saved_inputs, {"calibration_sha256": fin.file_sha256(str(b))})
+    assert input_mismatches(saved_inputs, {"calibration_sha256": file_sha256(str(b))})
     saved = opts.model_dump(mode="json")
     other = opts.model_copy(update={"calibration": str(b)})
-    assert fin.option_mismatches(saved, other) == [f"calibration: checkpoint None, now {str(b)!r}"]
+    assert option_mismatches(saved, other) == [f"calibration: checkpoint None, now {str(b)!r}"]
 
 
 # ------------------------------------------------------------------ item 8: the twin cache key
@@ -237,21 +242,21 @@ def test_twin_cache_key_is_the_data_content(tmp_path):
     """The key was the first 64 images' float sum: a change further on reused a twin trained on
     other data, and the sum itself differed between thread counts."""
     opts = options(tmp_path / "o", tmp_path / "cache")
-    data = fin.load_data(opts)
-    key = fin.twin_cache_path(opts, data)
+    data = twin.load_data(opts)
+    key = twin.twin_cache_path(opts, data)
     xtr = data[0].clone()
     xtr[100, 0, 0, 0] = 1.0 - xtr[100, 0, 0, 0]
-    assert fin.twin_cache_path(opts, (xtr, *data[1:])) != key
+    assert twin.twin_cache_path(opts, (xtr, *data[1:])) != key
     ytr = data[1].clone()
     ytr[90] = (ytr[90] + 1) % 4
-    assert fin.twin_cache_path(opts, (data[0], ytr, *data[2:])) != key
+    assert twin.twin_cache_path(opts, (data[0], ytr, *data[2:])) != key
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert fin.twin_cache_path(opts, fin.load_data(opts)) == key
+        assert twin.twin_cache_path(opts, twin.load_data(opts)) == key
     finally:
         torch.set_num_threads(threads)
-    assert fin.twin_cache_path(opts.model_copy(update={"pretrain_epochs": 3}), data) != key
+    assert twin.twin_cache_path(opts.model_copy(update={"pretrain_epochs": 3}), data) != key
 
 
 def test_sweep_and_finetune_share_one_twin(tmp_path):
@@ -264,8 +269,8 @@ def test_sweep_and_finetune_share_one_twin(tmp_path):
         torch.set_num_threads(1)
         prepare_twins(spec, log=quiet)
         torch.set_num_threads(2)
-        _, info = fin.relu_twin(options(tmp_path / "o", tmp_path / "cache"),
-                                fin.load_data(options(tmp_path / "o", tmp_path / "cache")), quiet)
+        _, info = twin.relu_twin(options(tmp_path / "o", tmp_path / "cache"),
+                                twin.load_data(options(tmp_path / "o", tmp_path / "cache")), quiet)
     finally:
         torch.set_num_threads(threads)
     assert info["cached"] and len(list((tmp_path / "cache").glob("*.pt"))) == 1
@@ -282,7 +287,7 @@ def test_missing_data_dir_is_an_error_and_the_report_names_the_source(tmp_path):
     rep = run_finetune(options(tmp_path / "run2", tmp_path / "cache", dataset="mnist", data_dir=str(data),
                                train_subset=None, test_subset=None), log=quiet)
     assert rep["data"]["files"][0] == str((data / "train-images-idx3-ubyte").resolve())
-    assert rep["data"]["sha256"] == fin.data_digest(fin.load_data(
+    assert rep["data"]["sha256"] == twin.data_digest(twin.load_data(
         options(tmp_path / "x", tmp_path / "cache", dataset="mnist", data_dir=str(data),
                 train_subset=None, test_subset=None)))
 
@@ -316,7 +321,7 @@ def test_lock_is_released_by_a_crash_and_across_processes(tmp_path):
 
 
 def test_evaluate_records_the_data_source(tmp_path, monkeypatch):
-    from hwloop.commands.evaluate import evaluate_on_device
+    from hwloop.train.evaluation import evaluate_on_device
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the twin cache
     data = tmp_path / "data"
     _idx_dataset(data, seed=0)
@@ -358,7 +363,7 @@ def test_train_and_test_splits_come_from_one_directory(tmp_path):
     with pytest.raises(DataError, match="train split was found in .* but the test split in"):
         run_finetune(opts, log=quiet)
     with pytest.raises(DatasetNotFound, match="is a file, not a directory"):
-        fin.load_data(opts.model_copy(update={"data_dir": str(data / "train-images-idx3-ubyte")}))
+        twin.load_data(opts.model_copy(update={"data_dir": str(data / "train-images-idx3-ubyte")}))
 
 
 def test_sweep_points_are_keyed_on_the_data(tmp_path):
@@ -393,7 +398,7 @@ def test_finetune_time_is_cumulative_across_resumes(tmp_path, uninterrupted):
     opts = options(tmp_path / "part", full_out.parent / "cache")
     with pytest.raises(fin._Interrupt):
         run_finetune(opts, log=quiet, stop_after_steps=STEPS + 1)
-    ck = fin.load_checkpoint(Path(opts.out) / "checkpoint.pt")
+    ck = load_checkpoint(Path(opts.out) / "checkpoint.pt")
     assert ck["finetune_time_s"] > 0
     rep = run_finetune(opts.model_copy(update={"resume": True}), log=quiet)
     assert rep["finetune_wall_time_s"] >= round(ck["finetune_time_s"], 2)

@@ -14,10 +14,12 @@ from torch import nn
 
 import hwloop
 from hwloop.data.datasets import synthetic_dataset
-from hwloop.devices.emulator import EmulatorDevice
-from hwloop.devices.profile import load_profile
+from hwloop.emulator.device import EmulatorDevice
+from hwloop.emulator.profile import load_profile
 from hwloop.mapping import program_network
-from hwloop.train.finetune import REPO_ROOT, reprogram, state_from_dict, state_to_dict
+from hwloop.mapping import reprogram
+from hwloop.train.checkpoint import state_from_dict, state_to_dict
+from hwloop.train.options import REPO_ROOT
 from hwloop.train.hil import FinetuneConfig, HILTrainer, ScaleWarning, evaluate_device
 
 IDEAL = str(REPO_ROOT / "devices" / "emulator-ideal.yaml")

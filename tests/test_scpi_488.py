@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from hwloop.devices import protocol as P
-from hwloop.devices.server import ChipCore, ScpiSession, serve
-from hwloop.devices.visa_device import VisaDevice
+from hwloop.chip.core import ChipCore
+from hwloop.chip.scpi_session import ScpiSession
+from hwloop.chip.server import serve
+from hwloop.wire.visa_device import VisaDevice
+from hwloop.wire.scpi import (ESR_CME, ESR_DDE, ESR_EXE, ESR_OPC, SCPI_SYNTAX_ERROR,
+                              SCPI_UNDEFINED_HEADER, STB_EAV, STB_ESB, STB_MSS, ScpiHeaderError,
+                              scpi_resolve)
 
 from fakes import FakeB1Device, grid_inputs
 from test_transports import SPEC, setup
@@ -36,7 +40,7 @@ def test_every_common_command_and_the_status_bits(inst):
     assert int(res.query("*ESR?")) == 0 and int(res.query("*STB?")) == 0
     assert int(res.query("*OPC?")) == 1
     res.write("*OPC")
-    assert int(res.query("*ESR?")) == P.ESR_OPC  # and reading clears it
+    assert int(res.query("*ESR?")) == ESR_OPC  # and reading clears it
     assert int(res.query("*ESR?")) == 0
     res.write("*WAI")
     assert int(res.query("*TST?")) == 0
@@ -47,9 +51,9 @@ def test_every_common_command_and_the_status_bits(inst):
     # an unknown header: command error (-113), CME in *ESR?, EAV/ESB/MSS in *STB?
     res.write("HWL:BOGUS 1")
     stb = int(res.query("*STB?"))
-    assert stb & P.STB_EAV and stb & P.STB_ESB and stb & P.STB_MSS, stb
+    assert stb & STB_EAV and stb & STB_ESB and stb & STB_MSS, stb
     assert int(res.query("SYST:ERR:COUN?")) == 1
-    assert int(res.query("*ESR?")) & P.ESR_CME
+    assert int(res.query("*ESR?")) & ESR_CME
     assert res.query("SYST:ERR?").startswith("-113,")
     assert int(res.query("*STB?")) == 0  # queue empty, ESR read: nothing to report
     # an execution error (*ESE out of range: -222) sets EXE; a chip error sets DDE
@@ -57,7 +61,7 @@ def test_every_common_command_and_the_status_bits(inst):
     res.write("HWL:WEIG:CRC? 0")  # no network programmed: the chip's NOT_PROGRAMMED (16)
     res.read()  # the failed query's empty response
     esr = int(res.query("*ESR?"))
-    assert esr & P.ESR_EXE and esr & P.ESR_DDE and not esr & P.ESR_CME, esr
+    assert esr & ESR_EXE and esr & ESR_DDE and not esr & ESR_CME, esr
     errs = res.query("SYST:ERR:ALL?")
     assert errs.startswith("-222,") and ',16,"' in errs, errs
     assert res.query("SYST:ERR:ALL?") == '0,"No error"'
@@ -114,23 +118,23 @@ def test_opc_after_a_run_and_compound_messages(inst):
     ("HWL:LOCK:TAKE", (), "HWL:LOCK:TAKE"),
 ])
 def test_header_forms(header, path, key):
-    assert P.scpi_resolve(header, path)[0].key == key
+    assert scpi_resolve(header, path)[0].key == key
 
 
 @pytest.mark.parametrize("header,path,code", [
-    ("SYSTE:ERR?", (), P.SCPI_UNDEFINED_HEADER),  # neither short nor long form
-    ("SYST:ERRO?", (), P.SCPI_UNDEFINED_HEADER),
-    ("SYST:ERR", (), P.SCPI_UNDEFINED_HEADER),  # no such command, only the query
-    ("ERR?", (), P.SCPI_UNDEFINED_HEADER),  # relative to the root
-    ("COUN?", ("SYST",), P.SCPI_UNDEFINED_HEADER),
-    ("*FOO?", (), P.SCPI_UNDEFINED_HEADER),
-    ("SYST::ERR?", (), P.SCPI_SYNTAX_ERROR),
-    ("SYST:ERR??", (), P.SCPI_SYNTAX_ERROR),
-    ("*", (), P.SCPI_SYNTAX_ERROR),
+    ("SYSTE:ERR?", (), SCPI_UNDEFINED_HEADER),  # neither short nor long form
+    ("SYST:ERRO?", (), SCPI_UNDEFINED_HEADER),
+    ("SYST:ERR", (), SCPI_UNDEFINED_HEADER),  # no such command, only the query
+    ("ERR?", (), SCPI_UNDEFINED_HEADER),  # relative to the root
+    ("COUN?", ("SYST",), SCPI_UNDEFINED_HEADER),
+    ("*FOO?", (), SCPI_UNDEFINED_HEADER),
+    ("SYST::ERR?", (), SCPI_SYNTAX_ERROR),
+    ("SYST:ERR??", (), SCPI_SYNTAX_ERROR),
+    ("*", (), SCPI_SYNTAX_ERROR),
 ])
 def test_header_errors(header, path, code):
-    with pytest.raises(P.ScpiHeaderError) as ei:
-        P.scpi_resolve(header, path)
+    with pytest.raises(ScpiHeaderError) as ei:
+        scpi_resolve(header, path)
     assert ei.value.code == code
 
 

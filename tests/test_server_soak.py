@@ -25,10 +25,14 @@ import numpy as np
 import pytest
 import torch
 
-from hwloop.devices.serial_device import SerialDevice
-from hwloop.devices.server import serve
-from hwloop.devices.visa_device import VisaDevice
+from hwloop.wire.serial_device import SerialDevice
+from hwloop.chip.core import ChipCore, Peer
+from hwloop.chip.frame_session import FrameSession
+from hwloop.chip.server import serve
+from hwloop.wire.visa_device import VisaDevice
 from hwloop.errors import DeviceError
+from hwloop.wire.codec import Err, READ_RANGE, WRITE_WEIGHTS_HDR
+from hwloop.wire.frame import Cmd, Frame, FrameReader, LOCK_PAYLOAD, LockOp, parse_error_payload
 
 from fakes import FakeB1Device, grid_inputs, random_params, small_spec
 from test_transports import SPEC, assert_same, setup
@@ -187,13 +191,10 @@ def test_idle_links_are_closed_and_connections_are_capped(caplog):
 
 
 def test_reply_cache_is_bounded_in_bytes():
-    from hwloop.devices import protocol as P
-    from hwloop.devices.framing import Frame
-    from hwloop.devices.server import ChipCore, FrameSession
     s = FrameSession(ChipCore(FakeB1Device()), cache_bytes=1 << 20)
-    s.handle(Frame(1, P.Cmd.PROGRAM, 0, BIG.model_dump_json().encode()))
+    s.handle(Frame(1, Cmd.PROGRAM, 0, BIG.model_dump_json().encode()))
     for seq in range(2, 12):  # ten 256 KiB reads
-        s.handle(Frame(seq, P.Cmd.READ_WEIGHTS, 0, P.READ_RANGE.pack(1, 0, 131072)))
+        s.handle(Frame(seq, Cmd.READ_WEIGHTS, 0, READ_RANGE.pack(1, 0, 131072)))
     held = sum(len(f) for frames in s.cache.values() for f in frames)
     assert held <= (1 << 20) + 300_000 and 2 not in s.by_seq
     assert s.by_seq[11][0] == 11  # the newest reply is always kept
@@ -261,9 +262,6 @@ def test_one_controlling_link_at_a_time(dialect):
 
 
 def test_lock_command_and_staged_writes_of_another_link_are_dropped():
-    from hwloop.devices import protocol as P
-    from hwloop.devices.framing import Frame, FrameReader
-    from hwloop.devices.server import ChipCore, FrameSession, Peer
     import json
     core = ChipCore(FakeB1Device())
     pa, pb = Peer("A"), Peer("B")
@@ -272,19 +270,19 @@ def test_lock_command_and_staged_writes_of_another_link_are_dropped():
     def one(s, frame):
         return FrameReader().feed(s.handle(frame)[0])[0]
 
-    lock = lambda s, seq, op: one(s, Frame(seq, P.Cmd.LOCK, 0, P.LOCK_PAYLOAD.pack(op)))
-    assert json.loads(lock(sa, 1, P.LockOp.QUERY).payload) == {"owner": None, "you": False}
-    assert json.loads(lock(sa, 2, P.LockOp.REQUEST).payload) == {"owner": "A", "you": True}
-    r = lock(sb, 1, P.LockOp.REQUEST)
-    assert r.cmd == P.Cmd.ERROR and P.parse_error_payload(r.payload)[0] == P.Err.BUSY
-    assert one(sa, Frame(3, P.Cmd.PROGRAM, 0, SPEC.model_dump_json().encode())).cmd == \
-        P.Cmd.PROGRAM
-    one(sa, Frame(4, P.Cmd.WRITE_WEIGHTS, 0, P.WRITE_WEIGHTS_HDR.pack(0, 0, 2, 0.5) +
+    lock = lambda s, seq, op: one(s, Frame(seq, Cmd.LOCK, 0, LOCK_PAYLOAD.pack(op)))
+    assert json.loads(lock(sa, 1, LockOp.QUERY).payload) == {"owner": None, "you": False}
+    assert json.loads(lock(sa, 2, LockOp.REQUEST).payload) == {"owner": "A", "you": True}
+    r = lock(sb, 1, LockOp.REQUEST)
+    assert r.cmd == Cmd.ERROR and parse_error_payload(r.payload)[0] == Err.BUSY
+    assert one(sa, Frame(3, Cmd.PROGRAM, 0, SPEC.model_dump_json().encode())).cmd == \
+        Cmd.PROGRAM
+    one(sa, Frame(4, Cmd.WRITE_WEIGHTS, 0, WRITE_WEIGHTS_HDR.pack(0, 0, 2, 0.5) +
                   np.array([1, 2], "<i2").tobytes()))
     assert core.status()["staged_weights"] == [0]
-    assert json.loads(lock(sb, 2, P.LockOp.TAKE_OVER).payload)["you"] is True
+    assert json.loads(lock(sb, 2, LockOp.TAKE_OVER).payload)["you"] is True
     assert core.status()["staged_weights"] == []  # A's half-written layer is gone
-    r = one(sa, Frame(5, P.Cmd.RUN_BATCH, 0, b""))
-    assert P.parse_error_payload(r.payload)[0] == P.Err.BUSY
-    assert "B" in P.parse_error_payload(r.payload)[1]
-    assert json.loads(lock(sb, 3, P.LockOp.RELEASE).payload) == {"owner": None, "you": False}
+    r = one(sa, Frame(5, Cmd.RUN_BATCH, 0, b""))
+    assert parse_error_payload(r.payload)[0] == Err.BUSY
+    assert "B" in parse_error_payload(r.payload)[1]
+    assert json.loads(lock(sb, 3, LockOp.RELEASE).payload) == {"owner": None, "you": False}

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def data():
-    from hwloop.train.finetune import FinetuneOptions, load_data
+    from hwloop.train.options import FinetuneOptions
+    from hwloop.train.twin import load_data
     try:
         return load_data(FinetuneOptions(dataset="fashion-mnist"))
     except DatasetNotFound as exc:
@@ -29,7 +30,8 @@ def test_twin_and_ideal_snn_reach_the_paper_range_on_full_fashion_mnist(data):
     FC2 reaches about 90 %; the B1 conversion is exact, so the ideal SNN agrees."""
     import torch
 
-    from hwloop.train.finetune import FinetuneOptions, relu_twin
+    from hwloop.train.options import FinetuneOptions
+    from hwloop.train.twin import relu_twin
     from hwloop.train.hil import evaluate_net
     from hwloop.ttfs import convert
     opts = FinetuneOptions(dataset="fashion-mnist", progress=False)
@@ -44,7 +46,8 @@ def test_twin_and_ideal_snn_reach_the_paper_range_on_full_fashion_mnist(data):
 def test_finetuning_on_the_harsh_chip_recovers_more_than_the_noise(tmp_path, data):
     """One shortened epoch (300 steps) on emulator-harsh, 3 evaluations before and after: the
     gain is larger than 3 SD of the evaluation's jitter (the demo's claim, `make demo`)."""
-    from hwloop.train.finetune import FinetuneOptions, run_finetune
+    from hwloop.train.finetune import run_finetune
+    from hwloop.train.options import FinetuneOptions
     from hwloop.train.hil import FinetuneConfig
     opts = FinetuneOptions(device="emulator-harsh", dataset="fashion-mnist", eval_repeats=3,
                            progress=False, out=str(tmp_path / "run"),

@@ -14,6 +14,7 @@ import pytest
 
 from hwloop.errors import HwloopError, ProfileError
 from hwloop.studies import executors as ex
+from hwloop.studies import knobs as kn
 from hwloop.studies import sweep as sw
 
 
@@ -27,31 +28,31 @@ def _spec(tmp_path: Path, **kw) -> sw.SweepSpec:
 
 # ------------------------------------------------------------------ parsing
 def test_parse_values_forms():
-    assert sw.parse_values("jitter", ["0,0.05", "0.1"]) == [0.0, 0.05, 0.1]
-    assert sw.parse_values("weight-bits", ["2", "3,4"]) == [2, 3, 4]
-    assert sw.parse_values("weight-bits", ["null", "8"]) == [None, 8]
-    assert sw.parse_values("time-steps", ["16.0"]) == [16]
-    assert sw.parse_values("latency", ["100,99,95"]) == [100.0, 99.0, 95.0]
-    assert sw.parse_values("mismatch.synapse_gain_sd", ["0.01,0.05"]) == [0.01, 0.05]
-    assert sw.parse_values("adaptive_windows", ["true", "false"]) == [True, False]
+    assert kn.parse_values("jitter", ["0,0.05", "0.1"]) == [0.0, 0.05, 0.1]
+    assert kn.parse_values("weight-bits", ["2", "3,4"]) == [2, 3, 4]
+    assert kn.parse_values("weight-bits", ["null", "8"]) == [None, 8]
+    assert kn.parse_values("time-steps", ["16.0"]) == [16]
+    assert kn.parse_values("latency", ["100,99,95"]) == [100.0, 99.0, 95.0]
+    assert kn.parse_values("mismatch.synapse_gain_sd", ["0.01,0.05"]) == [0.01, 0.05]
+    assert kn.parse_values("adaptive_windows", ["true", "false"]) == [True, False]
     with pytest.raises(HwloopError, match="cannot read"):
-        sw.parse_values("weight-bits", ["2.5"])
+        kn.parse_values("weight-bits", ["2.5"])
     with pytest.raises(HwloopError, match="repeated"):
-        sw.parse_values("jitter", ["0.1,0.1"])
+        kn.parse_values("jitter", ["0.1,0.1"])
     with pytest.raises(ProfileError, match="unknown knob"):
-        sw.knob_for("no_such_field")
+        kn.knob_for("no_such_field")
 
 
 def test_parse_set_and_knob_fields():
-    fixed = sw.parse_set(["weight_bits=4", "mismatch.synapse_gain_sd=0.03", "jitter=0.05",
+    fixed = kn.parse_set(["weight_bits=4", "mismatch.synapse_gain_sd=0.03", "jitter=0.05",
                           "time_steps_per_layer=16"])
     assert fixed == {"weight_bits": 4, "mismatch.synapse_gain_sd": 0.03, "jitter_sd": 0.05,
                      "time_steps_per_layer": 16}
     with pytest.raises(ProfileError):
-        sw.parse_set(["nope=1"])
+        kn.parse_set(["nope=1"])
     with pytest.raises(HwloopError):
-        sw.parse_set(["weight_bits"])
-    assert sw.KNOBS["time-steps"].implies == {"window_percentile": 99.0, "adaptive_windows": False}
+        kn.parse_set(["weight_bits"])
+    assert kn.KNOBS["time-steps"].implies == {"window_percentile": 99.0, "adaptive_windows": False}
 
 
 def test_plan_validates_and_keys(tmp_path):

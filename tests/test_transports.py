@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from hwloop.devices.open import open_device
-from hwloop.devices.serial_device import SerialDevice
-from hwloop.devices.server import FaultConfig, serve
-from hwloop.devices.visa_device import VisaDevice
+from hwloop.wire.serial_device import SerialDevice
+from hwloop.chip.server import FaultConfig, serve
+from hwloop.wire.visa_device import VisaDevice
 from hwloop.errors import DeviceError, DeviceTimeout, WriteVerifyError
 
 from fakes import FakeB1Device, grid_inputs, random_params, small_spec
@@ -23,7 +23,7 @@ SPEC = small_spec(n_in=12, hidden=10, n_out=4)
 
 ROOT = Path(__file__).resolve().parents[1]
 ANALOG = ROOT / "devices" / "emulator-analog.yaml"
-HAVE_EMULATOR = (ROOT / "hwloop" / "devices" / "emulator.py").exists() and ANALOG.exists()
+HAVE_EMULATOR = (ROOT / "hwloop" / "emulator" / "device.py").exists() and ANALOG.exists()
 
 
 def make_device(kind: str = "emulator", jitter_seed=None):
@@ -34,8 +34,8 @@ def make_device(kind: str = "emulator", jitter_seed=None):
     allowed. "fake": the exact B1 fake of tests/fakes.py on a 1/64 tau_c grid (exact in ticks).
     """
     if kind == "emulator" and HAVE_EMULATOR:
-        from hwloop.devices.emulator import EmulatorDevice
-        from hwloop.devices.profile import load_profile
+        from hwloop.emulator.device import EmulatorDevice
+        from hwloop.emulator.profile import load_profile
         profile = load_profile(ANALOG).model_copy(update={
             "jitter_sd": 0.0 if jitter_seed is None else 0.05, "adaptive_windows": True})
         return EmulatorDevice.from_profile(profile, chip_seed=3,
@@ -331,7 +331,7 @@ def test_scan_tolerates_backend_failures(monkeypatch):
 def test_wide_codes_on_a_32_bit_device(chip_factory):
     if not HAVE_EMULATOR:
         pytest.skip("emulator not available")
-    from hwloop.devices.emulator import EmulatorDevice
+    from hwloop.emulator.device import EmulatorDevice
     chip = serve(EmulatorDevice.from_profile(ROOT / "devices" / "emulator-ideal.yaml"),
                  transport="tcp")
     try:
@@ -371,7 +371,7 @@ def test_heavy_bit_flips_never_close_the_link(chip_factory, caplog):
     # 10x the rate above: nearly every large frame arrives damaged; the chip NAKs each and keeps
     # the link, and the host gets exact results
     chip = chip_factory(transport="tcp", faults=FaultConfig(bit_flip_rate=1e-3, seed=11))
-    with caplog.at_level("INFO", logger="hwloop.devices.server"):
+    with caplog.at_level("INFO", logger="hwloop.chip"):
         with SerialDevice(chip.url, timeout=0.5, chunk_bytes=1024, retries=8) as dev:
             setup(dev)
             for i in range(3):
@@ -388,7 +388,7 @@ def test_heavy_bit_flips_never_close_the_link(chip_factory, caplog):
 
 def test_chip_logs_why_it_closes_a_link(chip_factory, caplog):
     chip = chip_factory(transport="tcp", faults=FaultConfig(disconnect_after=2))
-    with caplog.at_level("INFO", logger="hwloop.devices.server"):
+    with caplog.at_level("INFO", logger="hwloop.chip"):
         dev = SerialDevice(chip.url, timeout=1.0)
         with pytest.raises(DeviceError):
             dev.status()

@@ -15,8 +15,10 @@ import time
 import pytest
 import torch
 
-from hwloop.devices.server import ChipCore, ScpiSession, serve
-from hwloop.devices.visa_device import VisaDevice
+from hwloop.chip.core import ChipCore
+from hwloop.chip.scpi_session import ScpiSession
+from hwloop.chip.server import serve
+from hwloop.wire.visa_device import VisaDevice
 from hwloop.errors import DeviceError, DeviceTimeout
 
 from fakes import grid_inputs, random_params

@@ -13,10 +13,10 @@ from torch import nn
 
 import hwloop
 from hwloop.data.datasets import synthetic_dataset
-from hwloop.devices.emulator import EmulatorDevice
-from hwloop.devices.profile import load_profile
+from hwloop.emulator.device import EmulatorDevice
+from hwloop.emulator.profile import load_profile
 from hwloop.mapping import dequantized_network, layer_thresholds, network_thresholds, program_network
-from hwloop.train.finetune import REPO_ROOT
+from hwloop.train.options import REPO_ROOT
 from hwloop.train.hil import FinetuneConfig, HILTrainer
 
 IDEAL = str(REPO_ROOT / "devices" / "emulator-ideal.yaml")

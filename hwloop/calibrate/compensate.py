@@ -18,7 +18,7 @@ The returned :class:`CalibratedProgramState` is therefore exactly what was writt
 per-layer scales and rewrites the shadow's thresholds, keeps writing compensated values: the
 optimiser trains W' and D' directly. Gradients are then evaluated at the device-domain weights
 (off from the effective ones by the gains k, a few per cent: still a descent direction); the
-optional hook :meth:`CalibratedProgramState.effective_weight` gives the trainer's nominal network
+hook :meth:`hwloop.mapping.ProgramState.effective_weight` gives the trainer's nominal network
 the weights the chip effectively applies (docs/calibration.md, "Fine-tuning").
 
 Consequences to keep in mind:
@@ -189,15 +189,9 @@ class Compensation:
 @dataclass
 class CalibratedProgramState(ProgramState):
     """A :class:`ProgramState` (exactly what was written: device-domain codes and thresholds)
-    plus the :class:`Compensation` used."""
-
-    compensation: Optional[Compensation] = None
-    record_hash: str = ""
-
-    def effective_weight(self, layer: int, codes: torch.Tensor, scale: float) -> torch.Tensor:
-        """Hook for the trainer's nominal network: k * codes * scale (float64)."""
-        w = codes.to(F64) * float(scale)
-        return w if self.compensation is None else self.compensation.effective_weight(layer, w)
+    whose declared calibration fields (``compensation``: the :class:`Compensation` used,
+    ``record_hash``) are set; :meth:`ProgramState.effective_weight` then gives the trainer's
+    nominal network k * codes * scale."""
 
 
 def program_calibrated(device: TTFSDevice, net: TTFSNetwork, record: CalibrationRecord,
@@ -211,14 +205,15 @@ def program_calibrated(device: TTFSDevice, net: TTFSNetwork, record: Calibration
     gain corrections are re-quantised with the layer.
 
     Raises:
-        CalibrationError: the record is for another device or topology, or holds values or
-            shapes that are not allowed (named by file, field and allowed range).
+        CalibrationError: the record is for another device or topology, or (an emulator) for
+            a chip whose frozen mismatch has changed under the same id (its ``mismatch_sha256``),
+            or holds values or shapes that are not allowed (named by file, field and range).
         DeviceLimitError, WriteVerifyError: as :func:`hwloop.mapping.program_network`.
     """
     if not isinstance(record, CalibrationRecord):
         raise CalibrationError(f"expected a CalibrationRecord, got {type(record).__name__}")
     spec = network_to_spec(net)
-    check_record_matches(record, device.info().device_id, spec)
+    check_record_matches(record, device.info().device_id, spec, device=device)
     comp = Compensation.from_record(record, spec, granularity)
     comp.apply_(net)
     state = program_network(device, net, weight_bits=weight_bits, clip_percentile=clip_percentile,

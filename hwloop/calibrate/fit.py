@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -43,9 +44,12 @@ from hwloop.calibrate.probes import (F64, Prober, activations_in, one_hot_inputs
                                      sweep_levels, with_widths)
 from hwloop.calibrate.record import (FACTOR_RANGE, OFFSET_RANGE, SE_MARGIN, SYNAPSE_RANGE, Array,
                                      CalibrationRecord, LayerCalibration,
-                                     describe_validation_error)
+                                     describe_validation_error, mismatch_digest)
 from hwloop.devices.base import NEURON_KINDS, NetworkSpec, TTFSDevice, check_fits
 from hwloop.errors import CalibrationError
+from hwloop.mapping import network_to_spec
+from hwloop.ttfs import convert
+from hwloop.ttfs.architectures import build_relu
 
 __all__ = ["CalibrationOptions", "calibrate_device", "fit_sweep", "jitter_from_repeats",
            "quantised_variance", "invert_quantised_variance", "METHOD", "METHOD_VERSION"]
@@ -410,7 +414,8 @@ def calibrate_device(device: TTFSDevice, spec: NetworkSpec, options: Optional[Ca
                            "repeat variance of ceil-registered times, inverted (uniform phase)"),
             device_runs=pr.count.runs, samples=pr.count.samples, programs=pr.count.programs,
             writes=pr.count.writes, wall_time_s=round(time.time() - t0, 3),
-            chip_seed=chip_seed if chip_seed is not None else getattr(device, "chip_seed", None))
+            chip_seed=chip_seed if chip_seed is not None else getattr(device, "chip_seed", None),
+            mismatch_sha256=mismatch_digest(device))
     return rec
 
 
@@ -558,9 +563,6 @@ DATASET_SHAPES = {"fashion-mnist": ((1, 28, 28), 10), "mnist": ((1, 28, 28), 10)
 def spec_for_arch(arch: str, dataset: str = "fashion-mnist") -> NetworkSpec:
     """The topology (layer kinds and shapes) of ``arch`` on ``dataset``'s input shape. Windows
     are placeholders: calibration chooses its own, and the record is valid at any window."""
-    from hwloop.mapping import network_to_spec
-    from hwloop.ttfs import convert
-    from hwloop.ttfs.architectures import build_relu
     if dataset not in DATASET_SHAPES:
         raise CalibrationError(f"unknown dataset {dataset!r}; known: {sorted(DATASET_SHAPES)}")
     shape, classes = DATASET_SHAPES[dataset]
@@ -574,5 +576,4 @@ def spec_for_arch(arch: str, dataset: str = "fashion-mnist") -> NetworkSpec:
 
 def default_record_path(device_id: str, folder: str = "calibration") -> str:
     """``calibration/<device-id>.json`` (characters other than [A-Za-z0-9._-] become '_')."""
-    import re
     return f"{folder}/{re.sub(r'[^A-Za-z0-9._-]', '_', device_id)}.json"

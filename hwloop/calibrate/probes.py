@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 
 from hwloop.devices.base import NEURON_KINDS, STAGE_KINDS, NetworkSpec, TTFSDevice
-from hwloop.errors import WriteVerifyError
+from hwloop.mapping import write_layer
+from hwloop.quant import code_range
 
 F64 = torch.float64
 INF = math.inf
@@ -124,7 +125,7 @@ class Prober:
     @property
     def code_max(self) -> int:
         """The largest positive code used for probe weights (exact in any scale)."""
-        return int(min(2 ** (self.bits - 1) - 1, 2 ** 14))
+        return int(min(code_range(self.bits)[1], 2 ** 14))
 
     def program(self, spec: NetworkSpec) -> None:
         self.device.program(spec)
@@ -132,22 +133,16 @@ class Prober:
         self.count.programs += 1
 
     def write_weights(self, layer: int, codes: torch.Tensor, scale: float) -> None:
-        codes = codes.to(torch.int64)
-        self.device.write_weights(layer, codes, float(scale))
+        """Write probe codes, verified (:func:`hwloop.mapping.write_layer`)."""
         self.count.writes += 1
-        if self.verify:
-            rc, rs = self.device.read_weights(layer)
-            if not (torch.equal(rc.to(torch.int64), codes) and float(rs) == float(scale)):
-                raise WriteVerifyError(f"calibration probe: weights of layer {layer} read back "
-                                       "differ from what was written", layers=[layer])
+        write_layer(self.device, layer, codes.to(torch.int64), float(scale), verify=self.verify,
+                    what="calibration probe: ")
 
     def write_thresholds(self, layer: int, values: torch.Tensor) -> None:
-        values = values.to(F64)
-        self.device.write_thresholds(layer, values)
+        """Write probe thresholds, verified (:func:`hwloop.mapping.write_layer`)."""
         self.count.writes += 1
-        if self.verify and not torch.equal(self.device.read_thresholds(layer).to(F64), values):
-            raise WriteVerifyError(f"calibration probe: thresholds of layer {layer} read back "
-                                   "differ from what was written", layers=[layer])
+        write_layer(self.device, layer, thresholds=values.to(F64), verify=self.verify,
+                    what="calibration probe: ")
 
     def zero_weights(self, layer: int) -> None:
         shape = self.spec.layers[layer].weight_shape

@@ -62,7 +62,7 @@ from hwloop.errors import CalibrationError
 
 __all__ = ["Array", "CalibrationRecord", "LayerCalibration", "FORMAT", "FACTOR_RANGE",
            "OFFSET_RANGE", "SYNAPSE_RANGE", "check_record_matches", "content_hash", "describe_validation_error",
-           "load_record", "save_record", "validate_record"]
+           "load_record", "mismatch_digest", "save_record", "validate_record"]
 
 FORMAT = "hwloop-calibration/1"
 
@@ -74,6 +74,9 @@ OFFSET_RANGE = (-1.0, 1.0)
 SYNAPSE_RANGE = (0.0, 5.0)
 SE_MARGIN = 4.0
 LAYER_KINDS = ("dense", "conv2d", "readout")
+#: record fields added after format 1 was first written: left out of the content hash while
+#: they are None, so that records written before them still verify
+OPTIONAL_FIELDS = ("mismatch_sha256",)
 #: the per-neuron fields, what they are (for messages) and their allowed range (delay: the
 #: record-level bound, the widest probe window)
 PER_NEURON: dict[str, tuple[str, tuple[float, float]]] = {
@@ -84,6 +87,11 @@ PER_NEURON: dict[str, tuple[str, tuple[float, float]]] = {
     "offset_gain": ("readout offset gain q_k, ideal 1", FACTOR_RANGE),
     "gain": ("input gain k_i (row mean of the synapse gains), ideal 1", FACTOR_RANGE),
 }
+
+
+def short(v: Any, n: int = 40) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 def _fail(field: str, detail: str) -> PydanticCustomError:
@@ -316,6 +324,10 @@ class CalibrationRecord(BaseModel):
     writes: int = 0
     wall_time_s: float = 0.0
     chip_seed: Optional[int] = None
+    #: emulator chips only: :func:`mismatch_digest` of the chip measured (its profile's frozen
+    #: mismatch and its chip seed). None: a real chip, or a record older than the field (such a
+    #: record is accepted as before; its content hash does not cover the absent field)
+    mismatch_sha256: Optional[str] = None
     notes: list[str] = Field(default_factory=list)
     content_hash: str = ""
     #: the file it was loaded from (not part of the content), for messages
@@ -326,6 +338,13 @@ class CalibrationRecord(BaseModel):
     def _input_shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if not v or any(s <= 0 for s in v):
             raise ValueError(f"{tuple(v)} is not a valid input shape")
+        return v
+
+    @field_validator("mismatch_sha256")
+    @classmethod
+    def _digest(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v)):
+            raise ValueError(f"{short(v)} is not a sha256 hex digest (64 lowercase hex digits)")
         return v
 
     @field_validator("t_max0")
@@ -477,7 +496,11 @@ def validate_record(rec: CalibrationRecord) -> CalibrationRecord:
 
 def content_hash(rec: CalibrationRecord) -> str:
     """sha256 of the canonical JSON of every field but ``content_hash``."""
-    data = rec.model_dump(mode="json", exclude={"content_hash"})
+    exclude = {"content_hash"}
+    for k in OPTIONAL_FIELDS:  # added later: absent from older records, so absent from their hash
+        if getattr(rec, k) is None:
+            exclude.add(k)
+    data = rec.model_dump(mode="json", exclude=exclude)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -551,15 +574,51 @@ def load_record(path: Union[str, os.PathLike]) -> CalibrationRecord:
     return rec
 
 
-def check_record_matches(rec: CalibrationRecord, device_id: str, spec) -> None:
+def mismatch_digest(device) -> Optional[str]:
+    """sha256 of what an emulator chip's frozen mismatch is drawn from: its profile's
+    ``mismatch`` standard deviations and its chip seed (the draws); None for a device without a
+    ``profile`` (a real chip: its drift cannot be seen from the host, docs/calibration.md).
+
+    Only what a calibration record measures and compensation corrects enters the digest: not
+    the random jitter (fresh every run; a record is used on the same chip at another jitter),
+    nor the weight precision or time grid (host-visible, in the record's own fields), nor the
+    host-side settings (window percentile, clipping), names and energy constants. An edited
+    YAML file, a profile override or a sweep point over ``mismatch.*`` under the same device id
+    changes it."""
+    prof = getattr(device, "profile", None)
+    mismatch = getattr(prof, "mismatch", None)
+    if mismatch is None:
+        return None
+    seed = getattr(device, "chip_seed", None)
+    if seed is None:
+        seed = getattr(prof, "chip_seed", None)
+    doc = {"mismatch": mismatch.model_dump(mode="json"), "chip_seed": seed}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def check_record_matches(rec: CalibrationRecord, device_id: str, spec, *, device=None) -> None:
     """Raise :class:`CalibrationError` unless ``rec`` is valid (values and shapes, again: it may
     have been edited in memory) and was measured on ``device_id`` for the layer kinds and shapes
-    of ``spec`` (a :class:`~hwloop.devices.base.NetworkSpec`). Messages name the record's file."""
+    of ``spec`` (a :class:`~hwloop.devices.base.NetworkSpec`). Messages name the record's file.
+
+    ``device`` (the open device): an emulator chip is also compared by its
+    :func:`mismatch_digest` with the record's ``mismatch_sha256``, so that a record is refused
+    on a chip whose mismatch changed under the same device id (an edited profile, an override,
+    a sweep point). A record without the digest (older, or of a real chip) and a device without
+    a profile are compared by id only, as before."""
     validate_record(rec)
     name = _name(rec)
     if rec.device_id != device_id:
         raise CalibrationError(f"{name} is for device {rec.device_id!r}, but the device "
                                f"is {device_id!r}: calibrate this chip (hwloop calibrate --device ...)")
+    now = mismatch_digest(device) if device is not None else None
+    if rec.mismatch_sha256 is not None and now is not None and now != rec.mismatch_sha256:
+        raise CalibrationError(
+            f"{name} was measured on a chip with another frozen mismatch: record mismatch_sha256 "
+            f"{rec.mismatch_sha256[:16]}..., device {device_id!r} now {now[:16]}... (same device id, "
+            "but the profile's mismatch or the chip seed changed: an edited YAML file, a profile "
+            "override or a sweep over mismatch.*); recalibrate this chip (hwloop calibrate "
+            "--device ...)")
     if tuple(rec.input_shape) != tuple(spec.input_shape):
         raise CalibrationError(f"{name} has input shape "
                                f"{tuple(rec.input_shape)}, the network {tuple(spec.input_shape)}")

@@ -12,6 +12,7 @@ import os
 import json
 
 from hwloop.commands import add_device_args, dataset_name
+from hwloop.errors import CalibrationError, DataError
 
 
 def register(subparsers) -> None:
@@ -48,11 +49,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: import-time cost (the library loads pydantic models, ~0.15 s; `hwloop --help` stays fast)
     from hwloop.calibrate.fit import (CalibrationOptions, calibrate_device, default_record_path,
                                       spec_for_arch)
     from hwloop.calibrate.record import save_record
-    from hwloop.errors import CalibrationError, DataError
-    from hwloop.train.finetune import open_named_device
+    from hwloop.devices.open import open_named_device
+    from hwloop.train.plots import plot_calibration_fit
 
     try:
         widths = tuple(float(w) for w in str(args.widths).split(",") if w.strip())
@@ -79,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
     save_record(out, rec)
     if not args.no_plots:
         try:
-            from hwloop.train.plots import plot_calibration_fit
             plot_calibration_fit(rec, plot_path(out))
         except Exception as exc:  # the record is written: a picture does not fail the run
             print(f"warning: fit plot not written ({type(exc).__name__}: {exc})")
@@ -98,6 +99,7 @@ def plot_path(record_path: str) -> str:
 def summary(rec, out: str) -> str:
     """What `hwloop calibrate` prints (and `hwloop report RECORD` again). The hash shown is the
     record's content hash (``content_sha256``), the one `hwloop finetune` and `evaluate` show."""
+    # lazy: import-time cost (the library loads pydantic models, ~0.15 s; `hwloop --help` stays fast)
     from hwloop.calibrate.record import content_hash
     s = rec.summary()
     lines = [f"device {rec.device_id}: {rec.device_runs} runs, {rec.samples} samples, "

@@ -9,6 +9,7 @@ plots).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -42,20 +43,18 @@ def register(subparsers) -> None:
 
 
 def _open(args):
-    from hwloop.train.finetune import open_named_device
+    # lazy: import-time cost (the library loads pydantic models, ~0.15 s; `hwloop --help` stays fast)
+    from hwloop.devices import open as device_open
     if args.timeout is None:
-        return open_named_device(args.device, args.chip_seed)
-    from hwloop.devices.open import open_device
-    from hwloop.train.finetune import resolve_device_name
+        return device_open.open_named_device(args.device, args.chip_seed)
     kw = {"timeout": args.timeout}
     if args.chip_seed is not None:
         kw["chip_seed"] = args.chip_seed
-    return open_device(resolve_device_name(args.device), **kw)
+    return device_open.open_device(device_open.resolve_device_name(args.device), **kw)
 
 
 def run(args) -> int:
-    import datetime as dt
-
+    # lazy: import-time cost (the library loads pydantic models, ~0.15 s; `hwloop --help` stays fast)
     from hwloop.testing import characterise, check_device
     out = Path(args.out or "runs/check-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from hwloop.commands import DATASETS
 
 
 def register(subparsers) -> None:
+    # lazy: import-time cost (torch and the library load only when the command runs; `hwloop --help` stays fast)
     from hwloop.ttfs.architectures import ARCHITECTURES
 
     p = subparsers.add_parser(
@@ -47,6 +48,7 @@ def _fmt_shape(s) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    # lazy: import-time cost (torch and the library load only when the command runs; `hwloop --help` stays fast)
     import hwloop
     from hwloop.errors import ConversionError
     from hwloop.interop.modelfile import load_model, parse_shape, sample_batch

@@ -14,7 +14,7 @@ import importlib
 import json
 import sys
 
-from hwloop.devices.profile import DeviceProfile, field_rows, list_profiles, load_profile, profiles_dir
+from hwloop.emulator.profile import DeviceProfile, field_rows, list_profiles, load_profile, profiles_dir
 
 __all__ = ["register", "run_list", "run_scan", "run_show"]
 

@@ -32,6 +32,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: import-time cost (torch and the library load only when the command runs; `hwloop --help` stays fast)
     from hwloop.interop.modelfile import sample_batch
     from hwloop.interop.netfile import load_network
     from hwloop.interop.onnx_export import export_onnx

@@ -4,9 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import shlex
+from pathlib import Path
 
 from hwloop.commands import add_data_args, add_device_args, clean_msg
+from hwloop.errors import CheckpointError, DataError
+from hwloop.train.checkpoint import load_checkpoint
+from hwloop.train.tables import format_table
 
 
 def register(subparsers) -> None:
@@ -54,7 +60,6 @@ def register(subparsers) -> None:
 
 
 def default_out() -> str:
-    import datetime as dt
     return "runs/finetune-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
@@ -86,10 +91,6 @@ def given_options(args: argparse.Namespace) -> dict:
 
 def stored_options(out: str) -> dict:
     """The options a run was started with, from ``out/checkpoint.pt`` (or its ``.prev``)."""
-    from pathlib import Path
-
-    from hwloop.errors import CheckpointError
-    from hwloop.train.checkpoint import load_checkpoint
     ckpt = Path(out) / "checkpoint.pt"
     if not ckpt.exists() and not Path(str(ckpt) + ".prev").exists():
         raise CheckpointError(f"--resume {out}: no checkpoint at {ckpt} (no epoch of that run "
@@ -105,8 +106,8 @@ def stored_options(out: str) -> dict:
 def options_from_args(args: argparse.Namespace):
     """FinetuneOptions from the command line. ``--resume [DIR]``: the checkpoint's stored
     options, with the given ones compared first (every mismatch refused at once)."""
-    from hwloop.errors import CheckpointError
-    from hwloop.train.finetune import FinetuneOptions, option_mismatches
+    # lazy: import-time cost (the library loads pydantic models, ~0.15 s; `hwloop --help` stays fast)
+    from hwloop.train.options import FinetuneOptions, option_mismatches
     resume_dir = args.resume if isinstance(args.resume, str) else None
     if resume_dir and args.out and resume_dir != args.out:
         raise CheckpointError(f"--resume {resume_dir} and --out {args.out} name two folders: give one")
@@ -135,17 +136,14 @@ def options_from_args(args: argparse.Namespace):
 
 
 def resume_command(out: str) -> str:
-    import shlex
     return f"hwloop finetune --resume {shlex.quote(str(out))}"
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    # lazy: import-time cost (the library loads pydantic models, ~0.15 s; `hwloop --help` stays fast)
     from pydantic import ValidationError
 
-    from hwloop.errors import DataError
-    from hwloop.train.finetune import format_table, run_finetune
+    from hwloop.train.finetune import run_finetune
     try:
         opts = options_from_args(args)
     except ValidationError as exc:
@@ -173,9 +171,6 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(report: dict, out: str) -> str:
     """What `hwloop finetune` prints at the end (and `hwloop report` again)."""
-    from pathlib import Path
-
-    from hwloop.train.finetune import format_table
     lines = [format_table(report), f"report: {out}/report.json   step log: {out}/log.jsonl"]
     plots = [str(Path(out) / p) for p in ("learning_curve.png", "spike_raster.png", "spike_times.png")
              if (Path(out) / p).exists()]

@@ -12,6 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
+from hwloop.commands import calibrate, evaluate, finetune, train
+from hwloop.errors import CheckpointError
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -42,7 +45,6 @@ def summarize(path: str | Path) -> tuple[str, dict]:
     Raises:
         CheckpointError: nothing hwloop wrote is there.
     """
-    from hwloop.errors import CheckpointError
     p = Path(path)
     if p.is_dir() and (p / "sweep.json").exists():
         return _sweep(p)
@@ -67,22 +69,20 @@ def summarize(path: str | Path) -> tuple[str, dict]:
     kind = kind_of(report)
     folder = rep_path.parent
     if kind == "finetune":
-        from hwloop.commands.finetune import summary
-        return summary(report, str(folder)), report
+        return finetune.summary(report, str(folder)), report
     if kind == "evaluate":
-        from hwloop.commands.evaluate import summary
-        return summary(report, folder), report
+        return evaluate.summary(report, folder), report
     if kind == "train":
-        from hwloop.commands.train import summary
-        return summary(report, folder), report
+        return train.summary(report, folder), report
     if kind == "calibration":
+        # lazy: import-time cost (the library loads pydantic models, ~0.15 s; `hwloop --help` stays fast)
         from hwloop.calibrate.record import load_record
-        from hwloop.commands.calibrate import summary
-        return summary(load_record(str(rep_path)), str(rep_path)), report
+        return calibrate.summary(load_record(str(rep_path)), str(rep_path)), report
     raise CheckpointError(f"{rep_path} is not a report of an hwloop command")
 
 
 def _sweep(folder: Path) -> tuple[str, dict]:
+    # lazy: import-time cost (the library loads pydantic models, ~0.15 s; `hwloop --help` stays fast)
     from hwloop.studies.sweep import format_summary, load_rows
     meta = json.loads((folder / "sweep.json").read_text())
     keys = set(meta.get("points", []))

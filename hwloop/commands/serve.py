@@ -46,7 +46,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from hwloop.devices.server import FaultConfig, serve
+    # lazy: import-time cost (torch and the library load only when the command runs; `hwloop --help` stays fast)
+    from hwloop.chip.server import FaultConfig, serve
     from hwloop.errors import DeviceError
 
     try:
@@ -56,7 +57,7 @@ def run(args) -> int:
         host, port = _parse_hostport(args.tcp) if args.tcp else ("127.0.0.1", 0)
     except ValueError as e:
         raise DeviceError(str(e)) from e
-    from hwloop.devices.emulator import EmulatorDevice
+    from hwloop.emulator.device import EmulatorDevice  # lazy: import-time cost (torch)
 
     device = EmulatorDevice.from_profile(args.profile, chip_seed=args.chip_seed)
     try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 
 from hwloop.commands import add_data_args, clean_msg
+from hwloop.errors import DataError, HwloopError
+from hwloop.train.progress import interactive
 
 
 def register(subparsers) -> None:
@@ -65,10 +67,11 @@ def register(subparsers) -> None:
 
 
 def spec_from_args(args: argparse.Namespace):
+    # lazy: import-time cost (the library loads pydantic models, ~0.15 s; `hwloop --help` stays fast)
     from pydantic import ValidationError
 
-    from hwloop.errors import DataError, HwloopError
-    from hwloop.studies.sweep import SweepSpec, parse_set
+    from hwloop.studies.knobs import parse_set
+    from hwloop.studies.sweep import SweepSpec
 
     knobs = list(args.knob)
     if len(knobs) > 2:
@@ -106,9 +109,9 @@ def spec_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: import-time cost (the library loads pydantic models, ~0.15 s; `hwloop --help` stays fast)
     from hwloop.studies.executors import make_executor, one_thread
     from hwloop.studies.sweep import SweepError, format_summary, run_sweep
-    from hwloop.train.progress import interactive
 
     spec = spec_from_args(args)
     one_thread()  # the parent only plans, loads the twin and writes tables

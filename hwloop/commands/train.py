@@ -49,6 +49,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    # lazy: import-time cost (torch and the library load only when the command runs; `hwloop --help` stays fast)
     import hwloop
     from hwloop.data import load_dataset
     from hwloop.errors import DataError
@@ -112,7 +113,7 @@ PLOTS = ("learning_curve.png", "spike_raster.png", "spike_times.png")
 def write_plots(report: dict, model, x_test, y_test, out: Path) -> list[str]:
     """The learning curve and, for a TTFS model, the spike raster and per-layer spike-time
     histograms of a few test images (computed in software)."""
-    from hwloop.train import plots
+    from hwloop.train import plots  # lazy: import-time cost (matplotlib)
     from hwloop.ttfs import TTFSNetwork
     paths = [plots.plot_train_curve(report.get("history", []), out / PLOTS[0],
                                     title=f"software training: {report.get('model')} {report.get('arch')} "

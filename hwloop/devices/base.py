@@ -33,6 +33,9 @@ NEURON_KINDS = ("dense", "conv2d")
 STAGE_KINDS = ("dense", "conv2d", "maxpool2d")
 #: Kinds of layer that carry weights.
 WEIGHT_KINDS = ("dense", "conv2d", "readout")
+#: Kinds of layer with a value per neuron written by ``write_thresholds`` (thresholds; the
+#: readout's constant offsets).
+THRESHOLD_KINDS = NEURON_KINDS + ("readout",)
 
 
 class LayerSpec(BaseModel):

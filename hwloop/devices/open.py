@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
+from importlib.metadata import entry_points
 
 from hwloop.devices.base import TTFSDevice
-from hwloop.errors import DeviceError
+from hwloop.errors import DeviceError, ProfileError
 
 ACCEPTED_FORMS = (
     "a device profile: a path ending in .yaml/.yml or an existing file -> in-process emulator",
@@ -41,7 +43,6 @@ def entry_point_for(name: str):
     scheme, sep, _ = str(name).strip().partition("://")
     if not sep or not scheme:
         return None
-    from importlib.metadata import entry_points
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name.lower() == scheme.lower():
             return ep
@@ -132,11 +133,68 @@ def open_device(name: str, **kw) -> TTFSDevice:
     kw = {**kw, **opts}  # options in the string win over keyword defaults
     if kind == "entry-point":  # a third-party backend, by its URL scheme
         return entry_point_for(s).load()(s, **kw)
+    # lazy imports (measured import-time cost): a backend loads when a device of its form is
+    # opened; pyvisa alone takes ~0.1 s, and a script that opens one chip needs no other
     if kind == "emulator":
-        from hwloop.devices.emulator import EmulatorDevice  # lazy: heavy, and optional here
+        from hwloop.emulator.device import EmulatorDevice
         return EmulatorDevice.from_profile(s, chip_seed=kw.get("chip_seed"))
     if kind == "serial":
-        from hwloop.devices.serial_device import SerialDevice
+        from hwloop.wire.serial_device import SerialDevice
         return SerialDevice(s, **{k: v for k, v in kw.items() if k in _SERIAL_KW})
-    from hwloop.devices.visa_device import VisaDevice
+    from hwloop.wire.visa_device import VisaDevice
     return VisaDevice(s, **{k: v for k, v in kw.items() if k in _VISA_KW})
+
+
+# ---------------------------------------------------------------------------- by name (hwloop commands)
+#: the hwloop checkout, where a profile path such as ``devices/emulator-analog.yaml`` resolves
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_device_name(name: str) -> str:
+    """A profile path relative to the current directory or to the hwloop checkout, or a bare
+    profile name (``emulator-harsh`` -> ``devices/emulator-harsh.yaml``, as
+    ``hwloop devices show`` takes it); serial URLs and VISA resources pass through."""
+    if "://" in name or "::" in name or name.startswith(("/dev/", "COM", "ASRL", "TCPIP", "USB", "GPIB")):
+        return name
+    if Path(name).exists():
+        return name
+    if (_REPO_ROOT / name).exists():
+        return str(_REPO_ROOT / name)
+    if "/" not in name and "\\" not in name:
+        from hwloop.emulator.profile import profiles_dir  # lazy: the emulator backend, as open_device
+        for cand in (profiles_dir() / name, profiles_dir() / f"{name}.yaml",
+                     profiles_dir() / f"{name}.yml"):
+            if cand.is_file():
+                return str(cand)
+    return name
+
+
+def override_profile(profile, overrides: dict):
+    """A copy of a :class:`DeviceProfile` with dotted fields replaced, validated again
+    (:class:`ProfileError` names a bad field, its value and the allowed range)."""
+    from hwloop.emulator.profile import validate_profile  # lazy: the emulator backend, as open_device
+    data = profile.model_dump()
+    for key, value in overrides.items():
+        node, parts = data, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ProfileError(f"profile override {key!r}: {part!r} is not a group of fields")
+            node = node[part]
+        node[parts[-1]] = value
+    return validate_profile(data, source=f"{profile.name} with overrides {overrides}")
+
+
+def open_named_device(name: str, chip_seed=None, profile_overrides=None) -> TTFSDevice:
+    """Open a device by the one string a command takes (:func:`resolve_device_name`, then
+    :func:`open_device`); emulator profiles may get field overrides (dotted names)."""
+    name = resolve_device_name(name)
+    if profile_overrides:
+        if backend_for(name) != "emulator":
+            raise DeviceError(f"profile overrides need an emulator profile, not {name!r}")
+        # lazy: the emulator backend, as open_device
+        from hwloop.emulator.device import EmulatorDevice
+        from hwloop.emulator.profile import load_profile
+        prof = override_profile(load_profile(name), profile_overrides)
+        return EmulatorDevice.from_profile(prof, chip_seed=chip_seed)
+    kw = {} if chip_seed is None else {"chip_seed": chip_seed}
+    return open_device(name, **kw)

@@ -20,6 +20,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from hwloop.data import load_dataset
+from hwloop.data.datasets import synthetic_dataset
 from hwloop.errors import ConversionError, DataError
 from hwloop.ttfs.architectures import ARCHITECTURES, build_relu
 
@@ -82,7 +84,7 @@ def load_model(path: Union[str, os.PathLike], arch: Optional[str] = None,
     if not path.exists():
         raise FileNotFoundError(f"no such model file: {path}")
     if path.suffix.lower() == ".onnx":
-        from hwloop.interop.onnx_import import load_onnx
+        from hwloop.interop.onnx_import import load_onnx  # optional extra: onnx
 
         gm, shape = load_onnx(path)
         return gm, shape, "onnx"
@@ -138,10 +140,8 @@ def sample_batch(shape: tuple[int, ...], n: int = 64, dataset: str = "synthetic"
     if n < 1:
         raise DataError(f"--samples must be >= 1, got {n}")
     if dataset == "synthetic":
-        from hwloop.data.datasets import synthetic_dataset
 
         return synthetic_dataset(n, tuple(shape), seed=seed)[0]
-    from hwloop.data import load_dataset
 
     x = load_dataset(dataset, "test", data_dir)[0][:n]
     if tuple(x.shape[1:]) != tuple(shape):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwloop.errors import ConversionError
+from hwloop.ttfs.pooling import PaddedSignedMaxPool2d
 
 _BATCH = 2  # batch of the dummy activation that carries the shapes through the import
 
@@ -330,7 +331,6 @@ class _Importer:
                               "Dropout, Identity, Clip(min=0), Add/Sub/Mul/Div with a constant)")
 
     def _signed_pool(self, x: str, pool, sign: np.ndarray, where: str) -> _V:
-        from hwloop.ttfs.pooling import PaddedSignedMaxPool2d
 
         a = _attrs(pool)
         k = tuple(a["kernel_shape"])

@@ -6,6 +6,7 @@ call, which measures the device before and after hardware-in-the-loop fine-tunin
 :mod:`hwloop.studies.sweep` and ``docs/constraint-studies.md``.
 """
 
-from hwloop.studies.sweep import KNOBS, Knob, SweepSpec, parse_set, parse_values, plan, run_point, run_sweep
+from hwloop.studies.knobs import KNOBS, Knob, parse_set, parse_values
+from hwloop.studies.sweep import SweepSpec, plan, run_point, run_sweep
 
 __all__ = ["KNOBS", "Knob", "SweepSpec", "parse_set", "parse_values", "plan", "run_point", "run_sweep"]

@@ -20,10 +20,15 @@ processes as cores; more threads per process oversubscribe it.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import signal
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
 
 from hwloop.errors import HwloopError
 
@@ -39,14 +44,12 @@ def one_thread() -> None:
     """Make this process use one intra-op torch thread (call first thing in a worker)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
-    import torch
     torch.set_num_threads(1)
 
 
 def _local_worker_init() -> None:
     """A local worker: one torch thread, and Ctrl-C is the parent's to handle (the parent ends
     the workers), so an interrupt prints one line, not a traceback per worker."""
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     one_thread()
 
@@ -111,8 +114,6 @@ class LocalExecutor(Executor):
 
     def _ensure_pool(self):
         if self._pool is None:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
             # the children import hwloop from wherever this process did
             path = os.pathsep.join(p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p)
             os.environ["PYTHONPATH"] = path
@@ -121,7 +122,6 @@ class LocalExecutor(Executor):
         return self._pool
 
     def map_unordered(self, fn, tasks):
-        from concurrent.futures import as_completed
         pool = self._ensure_pool()
         futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
         try:
@@ -148,7 +148,7 @@ class LocalExecutor(Executor):
 
 def ray_available() -> bool:
     try:
-        import ray  # noqa: F401
+        import ray  # noqa: F401  # optional extra: ray
     except ImportError:
         return False
     return True
@@ -171,7 +171,7 @@ class RayExecutor(Executor):
 
     def __init__(self, address: Optional[str] = None, workers: Optional[int] = None):
         try:
-            import ray
+            import ray  # optional extra: ray
         except ImportError:
             raise HwloopError("--executor ray needs Ray: pip install 'hwloop[ray]' "
                               "(or pip install 'ray[default]')") from None

@@ -10,8 +10,13 @@ its path.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from hwloop.studies.knobs import knob_for
 
 __all__ = ["plot_sweep", "plot_knob", "plot_heatmap", "plot_bars"]
 
@@ -20,6 +25,7 @@ AFTER = dict(color="#1b63a5", marker="s", label="with HIL fine-tuning")
 
 
 def _plt():
+    # optional extra and lazy: matplotlib (the [plots] extra) costs ~0.14 s to import
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -117,7 +123,6 @@ def plot_heatmap(rows: Sequence[dict], knobs: Sequence[str], path: str | Path, *
     """Two panels (without / with fine-tuning): mean accuracy (%) over seeds on the grid of two
     knobs, each cell annotated."""
     plt = _plt()
-    import numpy as np
     k1, k2 = knobs
     groups = _group(rows, knobs)
     v1 = sorted({k[0] for k in groups}, key=_sort_key)
@@ -230,7 +235,6 @@ def plot_sweep(rows: Sequence[dict], spec, out: str | Path) -> Optional[Path]:
     """The plot that fits a sweep: a curve for one knob, a heat map for two, bars for none.
     Written to ``out`` as ``accuracy_<knob>.png``, ``heatmap_<k1>_<k2>.png`` or
     ``accuracy_point.png``."""
-    from hwloop.studies.sweep import knob_for
     if not rows:
         return None
     out = Path(out)
@@ -251,7 +255,6 @@ def plot_sweep(rows: Sequence[dict], spec, out: str | Path) -> Optional[Path]:
 
 
 def _wrap(text: str, width: int = 70) -> str:
-    import textwrap
     return "\n".join(textwrap.wrap(text, width))
 
 

@@ -51,142 +51,29 @@ import os
 import re
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-import yaml
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm import tqdm
 
-from hwloop.errors import HwloopError, ProfileError
+from hwloop.devices.open import override_profile, resolve_device_name
+from hwloop.emulator.profile import find_profile, load_profile
+from hwloop.errors import HwloopError
+from hwloop.studies.executors import SerialExecutor
+from hwloop.studies.knobs import knob_for, parse_values
+from hwloop.studies.plots import plot_sweep
+from hwloop.train import finetune, twin
+from hwloop.train.hil import FinetuneConfig
+from hwloop.train.options import FinetuneOptions
 
-__all__ = ["Knob", "KNOBS", "SweepSpec", "SweepError", "knob_for", "parse_values", "parse_set",
-           "plan", "point_key", "run_point", "run_sweep", "load_rows", "summarize", "CSV_COLUMNS"]
+__all__ = ["SweepSpec", "SweepError", "plan", "point_key", "run_point", "run_sweep", "load_rows",
+           "summarize", "CSV_COLUMNS"]
 
 
 class SweepError(HwloopError, RuntimeError):
     """A sweep finished with failed points (rerun the same command to retry only those)."""
-
-
-# ------------------------------------------------------------------------------------ knobs
-@dataclass(frozen=True)
-class Knob:
-    """A swept quantity: the profile field(s) it sets, how to parse and plot its values.
-
-    ``implies``: profile fields the study needs whatever the value (applied before the fixed
-    overrides, so ``--set`` can change them). ``axis``: ``linear``, ``log2``, ``reversed`` or
-    ``categorical`` (evenly spaced, in the order given).
-    """
-
-    name: str
-    fields: tuple[str, ...]
-    label: str
-    kind: Optional[type] = None  # int, float, or None: parse as YAML (int, float, bool, null)
-    implies: dict = field(default_factory=dict)
-    axis: str = "linear"
-    note: str = ""
-
-
-KNOBS: dict[str, Knob] = {
-    "jitter": Knob(
-        "jitter", ("jitter_sd",), "spike-time jitter SD (tau_c)", float, axis="categorical",
-        note="random Gaussian jitter, fresh every run, added to every input and emitted spike time"),
-    "time-steps": Knob(
-        "time-steps", ("time_steps_per_layer",), "time steps per layer", int,
-        implies={"window_percentile": 99.0, "adaptive_windows": False}, axis="log2",
-        note="Methods (ii): windows hold 99 % of training activations, fixed while fine-tuning"),
-    "weight-bits": Knob(
-        "weight-bits", ("weight_bits",), "weight bits", int,
-        note="Methods (iii): signed codes, outliers clipped at 1/99 (4/96 for <= 4 bits) percentiles"),
-    "latency": Knob(
-        "latency", ("window_percentile",), "window percentile of activations (%)", float,
-        implies={"adaptive_windows": False}, axis="categorical",
-        note="Methods (iv): windows shortened to the percentile, fixed while fine-tuning"),
-}
-
-
-def _profile_leaf_fields() -> dict[str, Any]:
-    """Dotted name -> pydantic FieldInfo of every leaf field of :class:`DeviceProfile`."""
-    from pydantic import BaseModel as _BM
-
-    from hwloop.devices.profile import DeviceProfile
-    out: dict[str, Any] = {}
-
-    def walk(model: type, prefix: str) -> None:
-        for name, info in model.model_fields.items():
-            ann = info.annotation
-            if isinstance(ann, type) and issubclass(ann, _BM):
-                walk(ann, f"{prefix}{name}.")
-            else:
-                out[prefix + name] = info
-    walk(DeviceProfile, "")
-    return out
-
-
-def knob_for(name: str) -> Knob:
-    """The :class:`Knob` of a short name (``jitter``, ``time-steps``, ``weight-bits``,
-    ``latency``) or of any dotted profile field (``mismatch.synapse_gain_sd``)."""
-    if name in KNOBS:
-        return KNOBS[name]
-    leaves = _profile_leaf_fields()
-    if name not in leaves:
-        raise ProfileError(f"unknown knob {name!r}: use one of {', '.join(KNOBS)} or a profile field "
-                           f"({', '.join(sorted(leaves))})")
-    return Knob(name, (name,), name, None)
-
-
-_NULLS = {"null", "none", "float", "off", "~"}
-
-
-def _parse_scalar(token: str, kind: Optional[type], what: str) -> Any:
-    t = token.strip()
-    if t.lower() in _NULLS:
-        return None
-    try:
-        if kind is int:
-            v = float(t)
-            if not v.is_integer():
-                raise ValueError
-            return int(v)
-        if kind is float:
-            return float(t)
-        return yaml.safe_load(t)
-    except (ValueError, yaml.YAMLError):
-        raise HwloopError(f"{what}: cannot read {token!r} as {kind.__name__ if kind else 'a value'}") from None
-
-
-def parse_values(knob: Knob | str, tokens: Sequence[Any]) -> list[Any]:
-    """Values of a knob from command-line tokens: ``["0", "0.05"]``, ``["0,0.05,0.1"]`` or
-    already-typed values. ``null``/``none``/``float``/``off`` mean a null field (e.g. float
-    weights). Duplicates are refused."""
-    k = knob_for(knob) if isinstance(knob, str) else knob
-    out: list[Any] = []
-    for tok in tokens:
-        parts = [p for p in tok.split(",") if p.strip()] if isinstance(tok, str) else [tok]
-        for p in parts:
-            out.append(_parse_scalar(p, k.kind, f"--values of {k.name}") if isinstance(p, str)
-                       else (None if p is None else (k.kind(p) if k.kind else p)))
-    if not out:
-        raise HwloopError(f"knob {k.name}: no values given")
-    if len({json.dumps(v) for v in out}) != len(out):
-        raise HwloopError(f"knob {k.name}: repeated values in {out}")
-    return out
-
-
-def parse_set(items: Iterable[str]) -> dict[str, Any]:
-    """``["weight_bits=4", "mismatch.synapse_gain_sd=0.03"]`` -> a dict of typed overrides."""
-    leaves = _profile_leaf_fields()
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise HwloopError(f"--set {item!r}: expected FIELD=VALUE")
-        key, val = (s.strip() for s in item.split("=", 1))
-        if key in KNOBS:
-            key = KNOBS[key].fields[0]
-        if key not in leaves:
-            raise ProfileError(f"--set {item!r}: no profile field {key!r} (fields: {', '.join(sorted(leaves))})")
-        out[key] = _parse_scalar(val, None, f"--set {key}")
-    return out
 
 
 # ------------------------------------------------------------------------------------ spec
@@ -253,12 +140,10 @@ def _sha(obj: Any) -> str:
 
 
 def base_profile(spec: SweepSpec):
-    from hwloop.devices.profile import find_profile, load_profile
     return find_profile(_resolve_base(spec.base)), load_profile(_resolve_base(spec.base))
 
 
 def _resolve_base(name: str) -> str:
-    from hwloop.train.finetune import resolve_device_name
     return resolve_device_name(name)
 
 
@@ -286,11 +171,9 @@ def _data_sha(dataset: str, data_dir: Optional[str], train_subset: Optional[int]
               test_subset: Optional[int], seed: int) -> str:
     """Content hash of the data a sweep's points train and test on (a synthetic task is
     defined by its seed; points of other seeds differ by their seed in the point key)."""
-    from hwloop.train.finetune import FinetuneOptions, data_digest, load_data  # sweep <- finetune
-    from hwloop.train.hil import FinetuneConfig
     opts = FinetuneOptions(dataset=dataset, data_dir=data_dir, train_subset=train_subset,
                            test_subset=test_subset, finetune=FinetuneConfig(seed=seed))
-    return data_digest(load_data(opts))
+    return twin.data_digest(twin.load_data(opts))
 
 
 def _file_sha(path: str) -> str:
@@ -324,9 +207,6 @@ def plan(spec: SweepSpec, out: str | os.PathLike) -> list[dict]:
 
     Raises :class:`ProfileError` for a value outside a field's range before anything runs.
     """
-    from hwloop.train.finetune import FinetuneOptions, override_profile
-    from hwloop.train.hil import FinetuneConfig
-
     base_path, prof = base_profile(spec)
     cfg = config_hash(spec)
     grids: list[dict[str, Any]] = [{}]
@@ -364,7 +244,6 @@ def plan(spec: SweepSpec, out: str | os.PathLike) -> list[dict]:
 def _latency(weights_path: Path) -> Optional[float]:
     """Input window start to read-out time (tau_c) of the fine-tuned network's windows."""
     try:
-        import torch
         sd = torch.load(weights_path, map_location="cpu", weights_only=True)["shadow"]
         t_min = [float(v) for k, v in sd.items() if k.endswith(".t_min")]
         t_max = [float(v) for k, v in sd.items() if k.endswith(".t_max")]
@@ -406,8 +285,6 @@ def run_point(task: dict) -> dict:
     Before and after fine-tuning come from one :func:`run_finetune` call. A point directory with
     a ``report.json`` is recorded without running; one with a ``checkpoint.pt`` resumes from it.
     """
-    from hwloop.train.finetune import FinetuneOptions, run_finetune
-
     t0 = time.time()
     opts = FinetuneOptions.model_validate(task["options"])
     out = Path(opts.out)
@@ -427,7 +304,7 @@ def run_point(task: dict) -> dict:
             def log(msg: str) -> None:
                 logf.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
                 logf.flush()
-            report = run_finetune(opts, log=log)
+            report = finetune.run_finetune(opts, log=log)
     if not task.get("keep_checkpoints") and ckpt.exists():
         ckpt.unlink()
         for extra in out.glob("checkpoint.pt.*"):
@@ -542,15 +419,13 @@ def _sort_rows(rows: list[dict], tasks: list[dict]) -> list[dict]:
 def prepare_twins(spec: SweepSpec, log: Callable[[str], None] = print, progress: bool = False) -> None:
     """Train (or load) every ReLU twin the points need, once, before workers start (otherwise
     every worker would train the same twin at the same time)."""
-    from hwloop.train.finetune import FinetuneOptions, load_data, relu_twin
-    from hwloop.train.hil import FinetuneConfig
     seeds = sorted({s for s in spec.seeds}) if spec.seed_mode == "all" else [spec.twin_seed]
     for s in seeds:
         opts = FinetuneOptions(dataset=spec.dataset, data_dir=spec.data_dir, arch=spec.arch,
                                pretrain_epochs=spec.pretrain_epochs, train_subset=spec.train_subset,
                                test_subset=spec.test_subset, cache_dir=spec.cache_dir,
                                finetune=FinetuneConfig(seed=s), progress=progress)
-        relu_twin(opts, load_data(opts), log)
+        twin.relu_twin(opts, twin.load_data(opts), log)
 
 
 def run_sweep(spec: SweepSpec, out: str | os.PathLike, executor=None, *,
@@ -565,8 +440,6 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, executor=None, *,
     a top-level function ``task -> row`` (default :func:`run_point`). ``KeyboardInterrupt``
     leaves every finished point recorded; rerunning finishes the rest.
     """
-    from hwloop.studies.executors import SerialExecutor
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = plan(spec, out)
@@ -585,7 +458,6 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, executor=None, *,
 
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(tasks), initial=skipped, desc="sweep", unit="point", dynamic_ncols=True)
     failed: list[dict] = []
     ran = 0
@@ -618,7 +490,6 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, executor=None, *,
         write_tables(out, spec, rows)
         files += [str(out / "results.jsonl"), str(out / "results.csv"), str(out / "results.json")]
         if plot:
-            from hwloop.studies.plots import plot_sweep
             png = plot_sweep(rows, spec, out)
             if png:
                 files.append(str(png))

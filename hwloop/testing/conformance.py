@@ -25,7 +25,7 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
-from hwloop.devices.base import NEURON_KINDS, DeviceRecord, NetworkSpec, TTFSDevice
+from hwloop.devices.base import NEURON_KINDS, DeviceRecord, LayerSpec, NetworkSpec, TTFSDevice
 from hwloop.errors import DeviceError, DeviceLimitError, DeviceTimeout
 from hwloop.testing.nets import (cat_records, code_range, grid_inputs, probe_spec, program,
                                  record_diff, stage_windows, suite_params, suite_spec, tiny_spec)
@@ -260,7 +260,6 @@ def check_info_consistent(c: _Ctx):
 
 
 def check_limits_enforced(c: _Ctx):
-    from hwloop.devices.base import LayerSpec
     info = c.info
     tested, msgs = [], {}
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from hwloop import quant
 from hwloop.devices.base import (NEURON_KINDS, STAGE_KINDS, DeviceInfo, DeviceRecord, LayerSpec,
                                  NetworkSpec, TTFSDevice)
 
@@ -23,9 +24,8 @@ __all__ = ["suite_spec", "probe_spec", "tiny_spec", "suite_params", "grid_inputs
 
 
 def code_range(info: DeviceInfo) -> tuple[int, int]:
-    """[lo, hi] of the weight codes of ``info``."""
-    q = info.weight_bits
-    return -(2 ** (q - 1)), 2 ** (q - 1) - 1
+    """[lo, hi] of the weight codes of ``info`` (:func:`hwloop.quant.code_range`)."""
+    return quant.code_range(info.weight_bits)
 
 
 def _dense(n_in: int, n_out: int, t_min: float, t_max: float, kind: str = "dense") -> LayerSpec:

@@ -10,7 +10,7 @@ __all__ = ["RECIPES", "Recipe", "evaluate", "load_checkpoint", "save_checkpoint"
 
 def __getattr__(name):
     if name in ("RECIPES", "Recipe", "evaluate", "train"):
-        from hwloop.train import software
+        from hwloop.train import software  # lazy: import-time cost (checkpoint stays light)
 
         return getattr(software, name)
     raise AttributeError(f"module 'hwloop.train' has no attribute {name!r}")

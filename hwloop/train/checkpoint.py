@@ -17,18 +17,23 @@ its own name or as ``<name>.prev``) and :func:`load_checkpoint` with ``fallback=
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hwloop.errors import CheckpointError
 
-__all__ = ["FORMAT", "VERSION", "load_checkpoint", "prev_path", "save_checkpoint"]
+if TYPE_CHECKING:  # annotations only: this module stays light (no pydantic models imported)
+    from hwloop.mapping import ProgramState
+
+__all__ = ["FORMAT", "VERSION", "load_checkpoint", "prev_path", "save_checkpoint",
+           "state_from_dict", "state_to_dict"]
 
 FORMAT = "hwloop-checkpoint"
 VERSION = 1
@@ -164,3 +169,22 @@ def load_checkpoint(path: str | os.PathLike, fallback: bool = False) -> dict[str
             return _load_one(prev)
         except CheckpointError as second:
             raise CheckpointError(f"{first}; the previous checkpoint failed too: {second}") from first
+
+
+# ---------------------------------------------------------------------------- program states
+def state_to_dict(state: ProgramState) -> dict:
+    """A :class:`~hwloop.mapping.ProgramState` as a checkpoint (or a weights file) holds it:
+    the spec as JSON, codes and scales, thresholds, bits and clip percentile."""
+    return {"spec": state.spec.model_dump_json(),
+            "weights": {int(k): [v[0], float(v[1])] for k, v in state.weights.items()},
+            "thresholds": {int(k): v for k, v in state.thresholds.items()},
+            "weight_bits": state.weight_bits, "clip_percentile": state.clip_percentile}
+
+
+def state_from_dict(d: dict, like: ProgramState) -> ProgramState:
+    """The saved state, keeping the class and extra fields of ``like`` (the state the mapping
+    step just made: a calibrated state keeps its compensation)."""
+    return dataclasses.replace(like, spec=type(like.spec).model_validate_json(d["spec"]),
+                               weights={int(k): (v[0], float(v[1])) for k, v in d["weights"].items()},
+                               thresholds={int(k): v for k, v in d["thresholds"].items()},
+                               weight_bits=d["weight_bits"], clip_percentile=d["clip_percentile"])

@@ -5,7 +5,7 @@ One step, data flowing one way::
     x -> encode -> device.run -> DeviceRecord (measured spike times, readout)
       -> logits, loss (off-chip) -> backward_from_spike_times (measured times, nominal weights)
       -> optimiser step on float64 shadow weights -> quantise with the layer's fixed scale
-      -> write changed layers back, read back, verify -> next batch
+      -> write changed layers back, verified (hwloop.mapping.write_layer) -> next batch
 
 The *shadow* network holds the float weights the optimiser trains; the *nominal* network holds
 what the host believes is programmed on the chip (the dequantised codes and the thresholds
@@ -34,10 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hwloop.devices.base import DeviceRecord, TTFSDevice
 from hwloop.errors import WriteVerifyError
-from hwloop.mapping import ProgramState, layer_thresholds
+from hwloop.mapping import (ProgramState, WriteCount, layer_thresholds, quantize_fixed,
+                            weight_layer_indices, write_layer)
 from hwloop.quant import code_range, quantize_weights
 from hwloop.ttfs import TTFSNetwork, apply_gradients, backward_from_spike_times
-from hwloop.ttfs.layers import NeuronLayer, Readout
+from hwloop.ttfs.layers import Readout
 
 
 class FinetuneConfig(BaseModel):
@@ -88,20 +89,6 @@ class StepResult:
     layers_written: int
 
 
-def weight_layer_indices(net: TTFSNetwork) -> list[int]:
-    return [i for i, l in enumerate(net.layers) if isinstance(l, (NeuronLayer, Readout))]
-
-
-def quantize_fixed(w: torch.Tensor, scale: float, bits: Optional[int]) -> torch.Tensor:
-    """Codes of ``w`` on a fixed step ``scale`` (rounded, clipped to the q-bit range).
-
-    ``bits=None``: a float device (ideal emulator) stores the float64 weights themselves."""
-    if bits is None:
-        return w.detach().to(torch.float64).clone()
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return torch.clamp(torch.round(w.detach().to(torch.float64) / scale), lo, hi).to(torch.int64)
-
-
 class HILTrainer:
     """Fine-tunes a B1 network on a device with exact gradients from measured spike times.
 
@@ -123,7 +110,7 @@ class HILTrainer:
         # Eq. (8) where the device allows it; never on a calibrated chip, whose threshold
         # compensation holds for the programmed window widths only
         self.adaptive = bool(config.adapt_windows and device.info().adaptive_windows
-                             and getattr(state, "compensation", None) is None)
+                             and state.compensation is None)
         self.opt = torch.optim.Adam(self.shadow.parameters(), lr=config.lr)
         self.nominal = copy.deepcopy(self.shadow)
         self._refresh_nominal()
@@ -135,10 +122,8 @@ class HILTrainer:
     def _refresh_nominal(self, layers: Optional[Iterable[int]] = None) -> None:
         for i in (weight_layer_indices(self.shadow) if layers is None else layers):
             dst, src = self.nominal.layers[i], self.shadow.layers[i]
-            codes, scale = self.state.weights[i]
             # a calibrated state knows the weights the chip really applies (hwloop.calibrate)
-            eff = getattr(self.state, "effective_weight", None)
-            dst.weight.copy_(eff(i, codes, scale) if eff else codes.to(torch.float64) * scale)
+            dst.weight.copy_(self.state.effective_weight(i, *self.state.weights[i]))
             if isinstance(src, Readout):
                 dst.bias.copy_(src.bias)
             else:
@@ -174,9 +159,8 @@ class HILTrainer:
     # ------------------------------------------------------------------ write back
     def write_back(self) -> int:
         """Quantise the shadow with each layer's fixed scale, write the layers whose codes or
-        thresholds changed, read them back and verify (a driver whose ``verifies_writes`` is
-        true checks its own writes by CRC or read-back and raises itself). Returns the number
-        of writes.
+        thresholds changed, verified (:func:`hwloop.mapping.write_layer`: read back only when
+        the driver does not verify its own writes by CRC). Returns the number of writes.
 
         Raises:
             WriteVerifyError: a layer still differs after ``config.write_retries`` retries; its
@@ -213,29 +197,22 @@ class HILTrainer:
 
     def _write_layer(self, i: int, codes: torch.Tensor, scale: float, theta: torch.Tensor,
                      w_changed: bool = True, t_changed: bool = True) -> tuple[bool, int]:
-        """Write layer ``i``'s codes/scale and/or thresholds, read back and verify, retrying
-        ``config.write_retries`` times. Returns (verified, writes). Does not touch ``state``."""
-        ok, n = False, 0
-        for _ in range(self.config.write_retries + 1):
-            if w_changed:
-                self.device.write_weights(i, codes, scale)
-                n += 1
-            if t_changed:
-                self.device.write_thresholds(i, theta)
-                n += 1
-            self.device_calls += int(w_changed) + int(t_changed)
+        """:func:`hwloop.mapping.write_layer` for layer ``i``'s codes/scale and/or thresholds,
+        retrying ``config.write_retries`` times. Returns (verified, writes); the device calls
+        are counted. Does not touch ``state``."""
+        count = WriteCount()
+        try:
+            write_layer(self.device, i, codes if w_changed else None, scale,
+                        theta if t_changed else None, retries=self.config.write_retries,
+                        count=count)
             ok = True
-            if self.device.verifies_writes:
-                break  # the driver checked the chip's copy itself (CRC / read-back)
-            self.device_calls += int(w_changed) + int(t_changed)
-            if w_changed:
-                rc, rs = self.device.read_weights(i)
-                ok &= torch.equal(rc.to(codes.dtype), codes) and float(rs) == float(scale)
-            if t_changed:
-                ok &= torch.equal(self.device.read_thresholds(i).to(torch.float64), theta)
-            if ok:
-                break
-        return ok, n
+        except WriteVerifyError as exc:
+            if exc.layers != [i] or self.device.verifies_writes:
+                raise  # a driver's own verification fails the step at once, as before
+            ok = False
+        finally:
+            self.device_calls += count.calls
+        return ok, count.writes
 
     # ------------------------------------------------------------------ scale checks
     @torch.no_grad()
@@ -280,40 +257,14 @@ class HILTrainer:
         bits = self.weight_bits
         if mode == "off" or bits is None:
             return []
-        lo, hi = code_range(bits)
         found, failed, changed = [], [], []
         for i in weight_layer_indices(self.shadow):
-            layer = self.shadow.layers[i]
-            w = layer.weight.detach().to(torch.float64)
-            nonzero = w != 0
-            n_nz = int(nonzero.sum())
-            if n_nz == 0:
-                continue  # nothing to represent: all-zero codes are right
-            _, scale = self.state.weights[i]
-            codes = quantize_fixed(w, scale, bits)
-            u = w / float(scale)
-            saturated = int(((u > hi + 0.5) | (u < lo - 0.5)).sum()) / n_nz
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the fresh one is only a yardstick here
-                fresh_codes, fresh = quantize_weights(w, bits, self.state.clip_percentile, layer=i)
-            ratio = fresh / float(scale)
-            nz_codes = int((codes != 0).sum())
-            reasons = []
-            if nz_codes == 0:
-                reasons.append("all codes are 0 while the float weights are not")
-            if saturated > self.config.rescale_saturation:
-                reasons.append(f"{100 * saturated:.1f} % of the non-zero weights saturate")
-            if not 1.0 / self.config.rescale_ratio <= ratio <= self.config.rescale_ratio:
-                reasons.append(f"a fresh scale would be {ratio:.3g} x the fixed one")
-            if not reasons:
+            diagnosis = self._diagnose_scale(i, bits)
+            if diagnosis is None:
                 continue
-            rec = {"layer": i, "kind": getattr(layer, "kind", type(layer).__name__.lower()),
-                   "reasons": reasons, "scale": float(scale), "fresh_scale": float(fresh),
-                   "scale_ratio": float(ratio), "nonzero_codes": nz_codes, "weights": w.numel(),
-                   "nonzero_weights": n_nz, "saturated_fraction": saturated,
-                   "max_abs_weight": float(w.abs().max()), "rescaled": False,
-                   "new_scale": float(scale)}
+            rec, fresh_codes = diagnosis
             if mode == "auto":
+                fresh = rec["fresh_scale"]
                 theta = layer_thresholds(self.shadow, i, fresh_codes, fresh)
                 ok, n = self._write_layer(i, fresh_codes, fresh, theta)
                 self.writes += n
@@ -324,13 +275,7 @@ class HILTrainer:
                     rec.update(rescaled=True, new_scale=float(fresh))
                 else:
                     failed.append(i)
-            msg = (f"layer {i} ({rec['kind']}): its fixed {bits}-bit scale {float(scale):.4g} "
-                   f"cannot represent its float weights: {'; '.join(reasons)} ({nz_codes} of "
-                   f"{w.numel()} codes non-zero, max |w| {rec['max_abs_weight']:.4g}, fresh scale "
-                   f"{fresh:.4g})")
-            msg += (" -> re-quantised with the fresh scale" if rec["rescaled"] else
-                    " -> rescale failed to verify" if mode == "auto" else
-                    "; FinetuneConfig(rescale='auto') re-quantises it at epoch boundaries")
+            msg = _scale_message(rec, bits, mode)
             warnings.warn(msg, ScaleWarning, stacklevel=2)
             if log is not None:
                 log(f"warning: {msg}")
@@ -342,6 +287,41 @@ class HILTrainer:
                                    "layers is not the intended one", layers=failed)
         return found
 
+    def _diagnose_scale(self, i: int, bits: int) -> Optional[tuple[dict, torch.Tensor]]:
+        """(the record of :meth:`check_scales`, the fresh codes) when layer ``i``'s fixed scale
+        is stuck, else None."""
+        lo, hi = code_range(bits)
+        layer = self.shadow.layers[i]
+        w = layer.weight.detach().to(torch.float64)
+        n_nz = int((w != 0).sum())
+        if n_nz == 0:
+            return None  # nothing to represent: all-zero codes are right
+        _, scale = self.state.weights[i]
+        codes = quantize_fixed(w, scale, bits)
+        u = w / float(scale)
+        saturated = int(((u > hi + 0.5) | (u < lo - 0.5)).sum()) / n_nz
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fresh one is only a yardstick here
+            fresh_codes, fresh = quantize_weights(w, bits, self.state.clip_percentile, layer=i)
+        ratio = fresh / float(scale)
+        nz_codes = int((codes != 0).sum())
+        reasons = []
+        if nz_codes == 0:
+            reasons.append("all codes are 0 while the float weights are not")
+        if saturated > self.config.rescale_saturation:
+            reasons.append(f"{100 * saturated:.1f} % of the non-zero weights saturate")
+        if not 1.0 / self.config.rescale_ratio <= ratio <= self.config.rescale_ratio:
+            reasons.append(f"a fresh scale would be {ratio:.3g} x the fixed one")
+        if not reasons:
+            return None
+        rec = {"layer": i, "kind": getattr(layer, "kind", type(layer).__name__.lower()),
+               "reasons": reasons, "scale": float(scale), "fresh_scale": float(fresh),
+               "scale_ratio": float(ratio), "nonzero_codes": nz_codes, "weights": w.numel(),
+               "nonzero_weights": n_nz, "saturated_fraction": saturated,
+               "max_abs_weight": float(w.abs().max()), "rescaled": False,
+               "new_scale": float(scale)}
+        return rec, fresh_codes
+
     # ------------------------------------------------------------------ epochs
     def lr_at(self, step: int, total: int) -> float:
         if self.config.lr_schedule == "constant" or total <= 1:
@@ -351,6 +331,17 @@ class HILTrainer:
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
             g["lr"] = lr
+
+
+def _scale_message(rec: dict, bits: int, mode: str) -> str:
+    """The warning of :meth:`HILTrainer.check_scales` for one stuck layer."""
+    msg = (f"layer {rec['layer']} ({rec['kind']}): its fixed {bits}-bit scale {rec['scale']:.4g} "
+           f"cannot represent its float weights: {'; '.join(rec['reasons'])} "
+           f"({rec['nonzero_codes']} of {rec['weights']} codes non-zero, max |w| "
+           f"{rec['max_abs_weight']:.4g}, fresh scale {rec['fresh_scale']:.4g})")
+    return msg + (" -> re-quantised with the fresh scale" if rec["rescaled"] else
+                  " -> rescale failed to verify" if mode == "auto" else
+                  "; FinetuneConfig(rescale='auto') re-quantises it at epoch boundaries")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -82,3 +82,17 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def remove_if_empty(folder) -> bool:
+    """Remove ``folder`` when a failed run left nothing in it but its lock file."""
+    f = Path(folder)
+    try:
+        if f.is_dir() and all(c.name == LOCK_NAME for c in f.iterdir()):
+            for c in f.iterdir():
+                c.unlink()
+            f.rmdir()
+            return True
+    except OSError:
+        pass
+    return False

@@ -18,11 +18,16 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+
+from hwloop.ttfs.layers import NeuronLayer
+
 FIGSIZE = (10.0, 6.0)
 DPI = 90
 
 
 def _plt():
+    # optional extra and lazy: matplotlib (the [plots] extra) costs ~0.14 s to import
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -85,7 +90,7 @@ def plot_learning_curve(report: dict, path) -> Path:
         ax.text(0.5, 0.5, "the device reports no energy", ha="center", transform=ax.transAxes)
     ax.set_ylabel("energy per inference (nJ)")
     ax.set_title("energy")
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # optional extra: matplotlib (loaded by _plt)
     for ax in axes.flat:
         ax.set_xlabel("epoch (0 = before fine-tuning)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -127,7 +132,6 @@ def plot_train_curve(history: Sequence[dict], path, title: str = "software train
 def stage_windows(net) -> list[tuple[float, float]]:
     """The window (t_min, t_max) of every spiking stage of ``net`` (input first; a max-pool
     stage has its input layer's window)."""
-    from hwloop.ttfs.layers import NeuronLayer
     out = [(0.0, float(net.t_max0))]
     last = out[0]
     for layer in net.layers:
@@ -142,7 +146,6 @@ def stage_windows(net) -> list[tuple[float, float]]:
 def spike_trace(net, x, labels=None, device=None, n: int = 6) -> dict[str, Any]:
     """Spike times of the first ``n`` images of ``x`` per stage: measured on ``device`` when
     given (its ``run``), else computed by ``net``. JSON-able (silent neurons are ``None``)."""
-    import torch
     xb = x[:n].to(torch.float64 if device is not None else net.layers[-1].weight.dtype)
     with torch.no_grad():
         if device is not None:

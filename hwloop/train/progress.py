@@ -81,7 +81,6 @@ def plural(n: int, word: str) -> str:
 
 def epoch_line(epoch: int, epochs: int, row: dict[str, Any], health: Optional[dict] = None) -> str:
     """One line per fine-tuning epoch: loss, accuracy, spikes, energy and link health."""
-    from hwloop.train.finetune import format_joules
     parts = [f"epoch {epoch}/{epochs}: loss {row['train_loss']:.4f}",
              f"train accuracy {100 * row['train_accuracy']:.2f} %",
              f"spikes/neuron {row['spikes_per_neuron']:.3f}"]
@@ -94,3 +93,13 @@ def epoch_line(epoch: int, epochs: int, row: dict[str, Any], health: Optional[di
     if h:
         parts.append(h)
     return ", ".join(parts)
+
+
+def format_joules(v: float) -> str:
+    """An energy in joules with a readable unit (nJ, pJ, fJ), or '-' when unknown."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    for unit, f in (("nJ", 1e-9), ("pJ", 1e-12), ("fJ", 1e-15)):
+        if abs(v) >= f:
+            return f"{v / f:.3f} {unit}"
+    return f"{v:.3e} J"

@@ -34,6 +34,7 @@ from torch import nn
 from hwloop.data.datasets import iterate_batches
 from hwloop.errors import CheckpointError, DataError
 from hwloop.train.checkpoint import load_checkpoint, save_checkpoint
+from hwloop.train.progress import interactive
 
 __all__ = [
     "RECIPES",
@@ -233,7 +234,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _interactive() -> bool:
-    from hwloop.train.progress import interactive
     return interactive()
 
 
@@ -327,7 +327,7 @@ def train(
         elapsed_before = float(state.get("wall_time_s", 0.0))
 
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional: tqdm.auto may pull in ipywidgets; absent = no bar
     except ImportError:  # pragma: no cover
         progress = False
 

@@ -19,12 +19,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hwloop.devices import protocol as P
-from hwloop.devices.base import (DeviceInfo, DeviceRecord, NetworkSpec, TTFSDevice, check_codes,
-                                 NEURON_KINDS, WEIGHT_KINDS)
+from hwloop.devices.base import (THRESHOLD_KINDS, WEIGHT_KINDS, DeviceInfo, DeviceRecord,
+                                 NetworkSpec, TTFSDevice, check_codes)
 from hwloop.errors import DeviceError, DeviceLimitError, ProtocolError, WriteVerifyError
-
-THRESHOLD_KINDS = NEURON_KINDS + ("readout",)
+from hwloop.wire.codec import (FEATURE_SPARSE, MAX_MESSAGE, TIME_F64, TIME_TICKS, decode_run_reply,
+                               encode_run_request,
+                               max_batch_for_message, run_reply_size, ticks_per_tau_c, weights_crc)
 
 #: Health counters every backend keeps (a backend adds its own).
 HEALTH_KEYS = ("retries", "crc_errors", "timeouts", "resyncs", "bytes_tx", "bytes_rx")
@@ -122,17 +122,17 @@ class HostDevice(TTFSDevice):
 
     def _choose_formats(self, doc: dict, time_format: str) -> None:
         """Time format and sparse writes, from what the chip offers and the caller asks."""
-        formats = doc.get("time_formats", [P.TIME_TICKS])
+        formats = doc.get("time_formats", [TIME_TICKS])
         if time_format == "auto":
-            self.f64 = P.TIME_F64 in formats
-        elif time_format in (P.TIME_F64, P.TIME_TICKS):
+            self.f64 = TIME_F64 in formats
+        elif time_format in (TIME_F64, TIME_TICKS):
             if time_format not in formats:
                 raise DeviceError(f"{self._info.device_id} at {self._label} does not offer time "
                                   f"format {time_format!r} (offers {formats})")
-            self.f64 = time_format == P.TIME_F64
+            self.f64 = time_format == TIME_F64
         else:
             raise ValueError(f"time_format must be 'auto', 'f64' or 'ticks', got {time_format!r}")
-        self.ratio = P.ticks_per_tau_c(self._info.tau_c_s, self._info.clock_period_s)
+        self.ratio = ticks_per_tau_c(self._info.tau_c_s, self._info.clock_period_s)
         #: the chip's model digest when it tells one (a virtual chip: profile and chip seed),
         #: compared on resume and by calibration records; None for a chip that does not
         digest = doc.get("model_sha256")
@@ -140,7 +140,7 @@ class HostDevice(TTFSDevice):
         features = doc.get("features", [])
         self._features = list(features) if isinstance(features, list) else []
         self._sparse = self.sparse and isinstance(features, list) and \
-            P.FEATURE_SPARSE in features
+            FEATURE_SPARSE in features
 
     # -- the contract ----------------------------------------------------------------------------
     @property
@@ -212,7 +212,7 @@ class HostDevice(TTFSDevice):
                 dense_bytes = sum(min(step, flat.size - s) for s in todo) * size
                 if changed.size * (4 + size) < dense_bytes:
                     sparse = changed
-        expect = P.weights_crc(flat, scale)
+        expect = weights_crc(flat, scale)
         for attempt in range(self.write_retries + 1):
             self._send_weights(layer, flat, scale, wide, todo, step, sparse)
             if not self.verify:
@@ -273,7 +273,7 @@ class HostDevice(TTFSDevice):
         spec = self._require_spec()
         arr = np.asarray(windows, dtype=np.float64).reshape(-1, 2)
         self._set_windows(arr)
-        self._spec = P.spec_with_windows(spec, arr.tolist())
+        self._spec = spec.with_windows(arr.tolist())
 
     def _check_run_size(self, spec: NetworkSpec, b: int) -> int:
         """Expected reply bytes of a run; DeviceLimitError when one message cannot hold it."""
@@ -281,11 +281,11 @@ class HostDevice(TTFSDevice):
                                                   for i in spec.stage_layers()]
         layers = [math.prod(spec.layers[i].out_shape) for i in spec.neuron_layers()]
         classes = sum(math.prod(l.out_shape) for l in spec.layers if l.kind == "readout")
-        size = P.run_reply_size(b, stages, layers, classes, self.f64)
-        if size > P.MAX_MESSAGE:
-            most = P.max_batch_for_message(stages, layers, classes, self.f64)
+        size = run_reply_size(b, stages, layers, classes, self.f64)
+        if size > MAX_MESSAGE:
+            most = max_batch_for_message(stages, layers, classes, self.f64)
             raise DeviceLimitError(
-                f"a batch of {b} needs a {size}-byte reply, beyond MAX_MESSAGE={P.MAX_MESSAGE}; "
+                f"a batch of {b} needs a {size}-byte reply, beyond MAX_MESSAGE={MAX_MESSAGE}; "
                 f"run at most {most} samples at a time on this network")
         return size
 
@@ -303,11 +303,11 @@ class HostDevice(TTFSDevice):
         body = self._run_exchange(x.reshape(b, -1).numpy(), b, expect)
         return self._decode_run(spec, b, body)
 
-    def _input_values(self, arr: np.ndarray) -> np.ndarray:
-        """The wire values of a (B, n) batch of input times (float64 or ticks); DeviceError when
-        the times cannot be sent."""
+    def _run_request(self, arr: np.ndarray) -> bytes:
+        """The RUN_BATCH request of a (B, n) batch of input times (float64 or ticks, as the
+        handshake chose); DeviceError when the times cannot be sent."""
         try:
-            return arr.astype(P.DT_F64) if self.f64 else P.times_to_ticks(arr, self.ratio)
+            return encode_run_request(arr, self.f64, self.ratio)
         except ValueError as e:
             raise DeviceError(f"{self._ctx_run()}: {e}") from e
 
@@ -315,7 +315,7 @@ class HostDevice(TTFSDevice):
         ctx = self._ctx_run()
         stage_ids, neuron_ids = spec.stage_layers(), spec.neuron_layers()
         try:
-            rep = P.decode_run_reply(body, self.f64, self.ratio)
+            rep = decode_run_reply(body, self.f64, self.ratio)
         except ValueError as e:
             raise ProtocolError(f"{ctx}: {e}") from e
         shapes = [tuple(spec.input_shape)] + [tuple(spec.layers[i].out_shape) for i in stage_ids]
@@ -337,4 +337,4 @@ class HostDevice(TTFSDevice):
             neurons_per_layer=[spec.layers[i].n_neurons for i in neuron_ids],
             energy_j=None if rep.energy_j is None else torch.from_numpy(rep.energy_j),
             meta={"device_id": self._info.device_id, "transport": self._label,
-                  "time_format": P.TIME_F64 if self.f64 else P.TIME_TICKS})
+                  "time_format": TIME_F64 if self.f64 else TIME_TICKS})

@@ -1,6 +1,6 @@
 """A TTFS chip behind VISA (pyvisa; pyvisa-py ``@py`` by default), SCPI dialect.
 
-Commands are listed in :data:`hwloop.devices.protocol.SCPI_COMMANDS` and ``docs/protocol.md``.
+Commands are listed in :data:`hwloop.wire.scpi.SCPI_COMMANDS` and ``docs/protocol.md``.
 Bulk data travels as IEEE 488.2 definite-length blocks (``write_binary_values`` /
 ``read_binary_values``). Every command that writes is followed by ``SYST:ERR?``; weight writes
 are verified with ``HWL:WEIG:CRC?`` and threshold writes by read-back, as on the serial backend.
@@ -32,12 +32,15 @@ import time
 from typing import Any, Optional
 
 import numpy as np
+import pyvisa
 import torch
 
-from hwloop.devices import protocol as P
-from hwloop.devices.base import NetworkSpec, WEIGHT_KINDS
-from hwloop.devices.host import HEALTH_KEYS, THRESHOLD_KINDS, HostDevice  # noqa: F401
-from hwloop.errors import DeviceError, DeviceLimitError, DeviceTimeout, ProtocolError
+from hwloop.devices.base import WEIGHT_KINDS, NetworkSpec
+from hwloop.errors import DeviceError, DeviceTimeout, ProtocolError
+from hwloop.wire.codec import (DT_CODE32, DT_COUNT, DT_F64, PROTOCOL_VERSION, RUN_REQ, Err,
+                               chip_error)
+from hwloop.wire.host import HEALTH_KEYS, HostDevice
+from hwloop.wire.scpi import SCPI_ERROR_QUEUE_LEN, SCPI_TERM, SCPI_UNDEFINED_HEADER
 
 
 class VisaDevice(HostDevice):
@@ -76,7 +79,6 @@ class VisaDevice(HostDevice):
                  resource_manager: Any = None, open_timeout: float = 5.0, verify: bool = True,
                  sparse: bool = True, resync_timeout: Optional[float] = None,
                  take_over: bool = False):
-        import pyvisa
         self.resource = resource
         self._init_host(verify=verify, write_retries=write_retries, sparse=sparse,
                         health=HEALTH_KEYS + ("verify_failures", "errors", "discarded_bytes"))
@@ -101,8 +103,8 @@ class VisaDevice(HostDevice):
             raise DeviceError(f"cannot open VISA resource {resource!r}: {e}") from e
         try:
             self._check_connected()
-            self._inst.read_termination = P.SCPI_TERM
-            self._inst.write_termination = P.SCPI_TERM
+            self._inst.read_termination = SCPI_TERM
+            self._inst.write_termination = SCPI_TERM
             self._inst.timeout = int(self.timeout * 1000)
             try:
                 self._inst.chunk_size = 1 << 20
@@ -190,7 +192,6 @@ class VisaDevice(HostDevice):
                 return
 
     def _io(self, what: str, fn, *args, timeout: Optional[float] = None, **kw):
-        import pyvisa
         t = self.timeout if timeout is None else timeout
         try:
             self._inst.timeout = int(t * 1000)
@@ -324,7 +325,6 @@ class VisaDevice(HostDevice):
         Raises:
             DeviceTimeout: no echo in time. DeviceError: the peer hung up or the read failed.
         """
-        import pyvisa
         want = token.encode("ascii")
         deadline = time.monotonic() + bound
         buf = bytearray()
@@ -367,7 +367,7 @@ class VisaDevice(HostDevice):
     def _check_errors(self, what: str) -> None:
         """Drain SYST:ERR?; raise for the first error (LIMIT -> DeviceLimitError)."""
         errors = []
-        for _ in range(P.SCPI_ERROR_QUEUE_LEN + 1):
+        for _ in range(SCPI_ERROR_QUEUE_LEN + 1):
             line = self._query("SYST:ERR?")
             code_s, _, msg = line.partition(",")
             try:
@@ -382,26 +382,18 @@ class VisaDevice(HostDevice):
             return
         self.health["errors"] += len(errors)
         code, msg = errors[0]
-        text = f"{self.resource} {what}: chip error {code}: {msg}"
         if len(errors) > 1:
-            text += f" (+{len(errors) - 1} more)"
-        if code == P.Err.LIMIT:
-            exc = DeviceLimitError(text)
-        elif code < 0 or code in P.PROTOCOL_ERRORS:
-            exc = ProtocolError(text)
-        else:
-            exc = DeviceError(text)
-        exc.code = code
-        raise exc
+            msg += f" (+{len(errors) - 1} more)"
+        raise chip_error(code, msg, f"{self.resource} {what}")
 
     # -- session ---------------------------------------------------------------------------------
     def _hello(self, time_format: str) -> None:
         self._write("*CLS")
         self.idn = self._query("*IDN?")
         doc = self._accept_hello(self._query("HWL:INFO?"), "HWL:INFO? reply")
-        if doc.get("protocol_version") != P.PROTOCOL_VERSION:
+        if doc.get("protocol_version") != PROTOCOL_VERSION:
             raise ProtocolError(f"{self.resource}: chip speaks protocol "
-                                f"{doc.get('protocol_version')}, host {P.PROTOCOL_VERSION}")
+                                f"{doc.get('protocol_version')}, host {PROTOCOL_VERSION}")
         self._choose_formats(doc, time_format)
         self._set_tfor()
 
@@ -439,7 +431,7 @@ class VisaDevice(HostDevice):
         return self.chunk_codes
 
     def _code_bytes(self, wide: bool) -> int:
-        return P.DT_CODE32.itemsize  # codes always travel as int32 blocks
+        return DT_CODE32.itemsize  # codes always travel as int32 blocks
 
     def _send_weights(self, layer: int, flat: np.ndarray, scale: float, wide: bool,
                       todo: list[int], step: int, sparse: Optional[np.ndarray]) -> None:
@@ -448,15 +440,15 @@ class VisaDevice(HostDevice):
             pieces = range(0, sparse.size, per)
             for i, s in enumerate(pieces):
                 idx = sparse[s:s + per]
-                block = np.concatenate([idx.astype(P.DT_COUNT),
-                                        flat[idx].astype(P.DT_CODE32).view(P.DT_COUNT)])
+                block = np.concatenate([idx.astype(DT_COUNT),
+                                        flat[idx].astype(DT_CODE32).view(DT_COUNT)])
                 commit = int(i == len(pieces) - 1)
                 self._write_block(f"HWL:WEIG:SPAR {layer},{scale!r},{commit},", block, "I")
         else:
             for i, s in enumerate(todo):
                 commit = int(i == len(todo) - 1)
                 self._write_block(f"HWL:WEIG {layer},{scale!r},{s},{commit},",
-                                  flat[s:s + step].astype(P.DT_CODE32), "i")
+                                  flat[s:s + step].astype(DT_CODE32), "i")
         self._check_errors("HWL:WEIG")
 
     def _weights_crc(self, layer: int) -> tuple[int, float, int]:
@@ -487,7 +479,7 @@ class VisaDevice(HostDevice):
             self._suspect("HWL:THR?")
             raise ProtocolError(f"{self.resource}: HWL:THR? returned {len(data)} bytes for "
                                 f"{n} values")
-        return np.frombuffer(data, P.DT_F64).astype(np.float64)
+        return np.frombuffer(data, DT_F64).astype(np.float64)
 
     def _decode_run(self, spec: NetworkSpec, b: int, body: bytes):
         try:
@@ -497,10 +489,10 @@ class VisaDevice(HostDevice):
             raise
 
     def _run_exchange(self, arr: np.ndarray, b: int, expect: int) -> bytes:
-        values = self._input_values(arr)
+        # the SCPI dialect carries the batch size as an argument, the values as the block
+        values = np.frombuffer(self._run_request(arr), np.uint8)[RUN_REQ.size:]
         t = self.timeout + self.per_sample_timeout_s * b + (values.nbytes + expect) / self.byte_rate
-        return self._query_block(f"HWL:RUN? {b},", t,
-                                 write_values=(values.reshape(-1), "d" if self.f64 else "I"))
+        return self._query_block(f"HWL:RUN? {b},", t, write_values=(values, "B"))
 
     # -- commands of the SCPI dialect ------------------------------------------------------------
     def lock_owner(self) -> Optional[str]:
@@ -514,7 +506,7 @@ class VisaDevice(HostDevice):
         try:
             self._check_errors("HWL:SEED")
         except DeviceError as e:
-            if getattr(e, "code", None) not in (P.Err.UNSUPPORTED, P.SCPI_UNDEFINED_HEADER):
+            if getattr(e, "code", None) not in (Err.UNSUPPORTED, SCPI_UNDEFINED_HEADER):
                 raise
 
     # -- read-back -------------------------------------------------------------------------------
@@ -527,7 +519,7 @@ class VisaDevice(HostDevice):
             raise ProtocolError(f"{self.resource}: HWL:WEIG? returned {len(data)} bytes for "
                                 f"{n} codes")
         scale_s = self._query(f"HWL:WEIG:SCAL? {layer}")
-        codes = np.frombuffer(data, P.DT_CODE32).astype(np.int64)
+        codes = np.frombuffer(data, DT_CODE32).astype(np.int64)
         return torch.from_numpy(codes.reshape(spec.weight_shape)), float(scale_s)
 
     def _close_rm(self) -> None:

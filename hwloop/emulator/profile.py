@@ -29,9 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hwloop.devices.base import DeviceInfo
 from hwloop.errors import ProfileError
+from hwloop.quant import default_clip_percentile
 
 __all__ = [
-    "DeviceProfile", "Limits", "Mismatch", "default_clip_percentile", "field_rows", "validate_profile",
+    "DeviceProfile", "Limits", "Mismatch", "field_rows", "validate_profile",
     "find_profile", "list_profiles", "load_profile", "profiles_dir",
 ]
 
@@ -80,13 +81,6 @@ class Mismatch(BaseModel):
                                     "per-neuron deviation of the comparator delay from its "
                                     "nominal value (frozen jitter); may be negative", ge=0.0,
                                     le=10.0)
-
-
-def default_clip_percentile(bits: Optional[int]) -> float:
-    """Methods (iii): remove the 1st/99th percentiles (4th/96th for 4 bits or fewer)."""
-    if bits is None:
-        return 0.0
-    return 4.0 if bits <= 4 else 1.0
 
 
 class DeviceProfile(BaseModel):

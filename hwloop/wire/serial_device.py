@@ -1,6 +1,6 @@
 """A TTFS chip on a serial link (UART, USB-CDC, ``socket://``, ``rfc2217://``, ``loop://``).
 
-Speaks the frame dialect of :mod:`hwloop.devices.protocol` through pyserial. Reliability rules
+Speaks the frame dialect of :mod:`hwloop.wire.frame` through pyserial. Reliability rules
 (also in ``docs/protocol.md``):
 
 * every request is retried with the *same* sequence number and bytes when the chip NAKs it,
@@ -29,27 +29,21 @@ import time
 from typing import Any, Optional
 
 import numpy as np
+import serial
 import torch
 
-from hwloop.devices import protocol as P
-from hwloop.devices.base import NetworkSpec, WEIGHT_KINDS
-from hwloop.devices.framing import Frame, FrameFault, FrameReader, encode_frame, split_chunks
-from hwloop.devices.host import HEALTH_KEYS, THRESHOLD_KINDS, HostDevice  # noqa: F401
-from hwloop.errors import DeviceError, DeviceLimitError, DeviceTimeout, ProtocolError
-
-
-def error_from_code(code: int, message: str, context: str) -> DeviceError:
-    """The hwloop exception for an ERROR reply (``LIMIT`` -> DeviceLimitError, framing and
-    payload errors -> ProtocolError, the rest -> DeviceError)."""
-    text = f"{context}: chip error {P.err_name(code)} (0x{code:04x}): {message}"
-    if code == P.Err.LIMIT:
-        exc = DeviceLimitError(text)
-    elif code in P.PROTOCOL_ERRORS:
-        exc = ProtocolError(text)
-    else:
-        exc = DeviceError(text)
-    exc.code = int(code)  # the chip's error code, for callers that branch on it
-    return exc
+from hwloop.devices.base import WEIGHT_KINDS, NetworkSpec
+from hwloop.errors import DeviceError, DeviceTimeout, ProtocolError
+from hwloop.wire.codec import (COUNT, DT_F64, Err, FEATURE_LOCK, HELLO_REPLY, HELLO_REQ, LAYER,
+                               MAX_MESSAGE, PROTOCOL_VERSION, READ_RANGE, READ_WEIGHTS_REPLY, SEED,
+                               WEIGHTS_CRC_REPLY, WINDOWS_HDR, WRITE_THRESHOLDS_HDR,
+                               WRITE_WEIGHTS_HDR, WRITE_WEIGHTS_SPARSE_HDR, chip_error, code_dtype,
+                               encode_sparse)
+from hwloop.wire.frame import (CHUNK_HEADER, Cmd, DELIMITER, FRAME_OVERHEAD, Flag, Frame,
+                               FrameFault, FrameReader, LOCK_PAYLOAD, LockOp, MAX_PAYLOAD,
+                               MAX_RESEND, RESEND_HDR, SEQ_MAX, cmd_name, encode_frame,
+                               parse_error_payload, resend_payload, split_chunks)
+from hwloop.wire.host import HEALTH_KEYS, HostDevice
 
 
 class _Resplit(Exception):
@@ -111,9 +105,9 @@ class SerialDevice(HostDevice):
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.per_sample_timeout_s = float(per_sample_timeout_s)
-        self.chunk_bytes = max(256, min(int(chunk_bytes), P.MAX_PAYLOAD))
+        self.chunk_bytes = max(256, min(int(chunk_bytes), MAX_PAYLOAD))
         self.reply_chunk_bytes = max(256, min(int(reply_chunk_bytes) if reply_chunk_bytes
-                                              else min(self.chunk_bytes, 1024), P.MAX_PAYLOAD))
+                                              else min(self.chunk_bytes, 1024), MAX_PAYLOAD))
         self.ack_timeout = float(ack_timeout)
         self.adaptive = bool(adaptive)
         self.max_ack_timeout = max(float(max_ack_timeout) if max_ack_timeout else self.timeout,
@@ -137,7 +131,6 @@ class SerialDevice(HostDevice):
         self._reader = FrameReader()
         self._closed = False
         if port is None:
-            import serial
             try:
                 port = serial.serial_for_url(url, timeout=min(self.timeout, 0.1),
                                              baudrate=baudrate, write_timeout=None)
@@ -151,11 +144,11 @@ class SerialDevice(HostDevice):
         try:
             # pyserial flushes on open, but a chip may have sent a banner since then
             self._port.reset_input_buffer()
-            self._write(P.DELIMITER)  # end any partial frame the chip has buffered
+            self._write(DELIMITER)  # end any partial frame the chip has buffered
             self._hello(time_format)
             self._in_hello = False
             if take_over:
-                self.lock(P.LockOp.TAKE_OVER)
+                self.lock(LockOp.TAKE_OVER)
         except BaseException:
             self.close()
             raise
@@ -164,10 +157,9 @@ class SerialDevice(HostDevice):
     def _ctx(self, cmd: int, seq: Optional[int] = None) -> str:
         dev = getattr(self, "_info", None)
         who = f"{dev.device_id} at {self.url}" if dev is not None else self.url
-        return f"{who} {P.cmd_name(cmd)}" + (f" (seq {seq})" if seq is not None else "")
+        return f"{who} {cmd_name(cmd)}" + (f" (seq {seq})" if seq is not None else "")
 
-    def _write(self, data: bytes, cmd: int = P.Cmd.HELLO, seq: Optional[int] = None) -> None:
-        import serial
+    def _write(self, data: bytes, cmd: int = Cmd.HELLO, seq: Optional[int] = None) -> None:
         try:
             n = self._port.write(data)
         except serial.SerialTimeoutException as e:
@@ -180,7 +172,6 @@ class SerialDevice(HostDevice):
         self.health["bytes_tx"] += len(data)
 
     def _read_some(self, remaining: float, cmd: int, seq: int) -> bytes:
-        import serial
         want = min(max(remaining, 0.001), 0.1)
         fd = self._fd
         if fd is not None:
@@ -217,7 +208,7 @@ class SerialDevice(HostDevice):
     RESEND_IDLE_S = 0.03
 
     def _next_seq(self) -> int:
-        self._seq = self._seq % P.SEQ_MAX + 1
+        self._seq = self._seq % SEQ_MAX + 1
         return self._seq
 
     def _xfer_time(self, nbytes: int) -> float:
@@ -275,7 +266,7 @@ class SerialDevice(HostDevice):
             # a new HELLO sets the chip's reply frame size (it changes nothing else)
             self._in_hello = True
             try:
-                self._transact(P.Cmd.HELLO, P.HELLO_REQ.pack(P.PROTOCOL_VERSION, want))
+                self._transact(Cmd.HELLO, HELLO_REQ.pack(PROTOCOL_VERSION, want))
                 self.reply_chunk_bytes = want
                 self.health["reply_chunk_bytes"] = want
             finally:
@@ -324,7 +315,7 @@ class SerialDevice(HostDevice):
         # quiet time before asking again for a damaged or missing reply frame
         idle_t = self.RESEND_IDLE_S if self._srtt is None else \
             min(max(self.RESEND_IDLE_S, self._srtt + 4 * self._rttvar), self.max_ack_timeout)
-        max_ask = max(1, min(P.MAX_RESEND, (self.chunk_bytes - P.RESEND_HDR.size) // 2))
+        max_ask = max(1, min(MAX_RESEND, (self.chunk_bytes - RESEND_HDR.size) // 2))
         chunks: dict[int, bytes] = {}
         size = 0
         total: Optional[int] = None
@@ -349,7 +340,7 @@ class SerialDevice(HostDevice):
                     else:
                         ask = missing
                     ask = ask[:max_ask]
-                frame = encode_frame(Frame(seq, P.Cmd.RESEND, 0, P.resend_payload(ask)))
+                frame = encode_frame(Frame(seq, Cmd.RESEND, 0, resend_payload(ask)))
                 self._write(frame, cmd, seq)
                 last_sent = len(frame)
                 self.health["resends"] += 1
@@ -392,44 +383,44 @@ class SerialDevice(HostDevice):
                         self.health["crc_errors" if ev.kind == "crc" else "resyncs"] += 1
                         corrupt = True
                         st["damaged"] = True
-                        self._observe(self.reply_chunk_bytes + P.FRAME_OVERHEAD, 1)
+                        self._observe(self.reply_chunk_bytes + FRAME_OVERHEAD, 1)
                         continue
                     self.health["frames_rx"] += 1
-                    self._observe(len(ev.payload) + P.FRAME_OVERHEAD, 0)
-                    if ev.cmd == P.Cmd.NAK and ev.is_reply and ev.version == P.PROTOCOL_VERSION:
+                    self._observe(len(ev.payload) + FRAME_OVERHEAD, 0)
+                    if ev.cmd == Cmd.NAK and ev.is_reply and ev.version == PROTOCOL_VERSION:
                         self.health["naks"] += 1
                         nak = True
                         if not heard:
                             self._observe(last_sent, 1)  # our last frame arrived damaged
                             st["naks"] += 1
                         continue
-                    if not ev.is_reply and ev.version == P.PROTOCOL_VERSION and ev.seq == seq \
+                    if not ev.is_reply and ev.version == PROTOCOL_VERSION and ev.seq == seq \
                             and ev.cmd == cmd:
                         raise DeviceError(
                             f"{self._ctx(cmd, seq)}: the link sends our own request back (a "
                             "loopback such as loop:// or a looped cable): no chip answers on "
                             f"{self.url}")
-                    if not ev.is_reply or ev.seq != seq or ev.version != P.PROTOCOL_VERSION:
+                    if not ev.is_reply or ev.seq != seq or ev.version != PROTOCOL_VERSION:
                         self.health["stale_frames"] += 1
                         continue
                     st["gap"] = max(st["gap"], gap)  # the longest silence the chip kept
                     if not heard:
                         self._observe(last_sent, 0)  # our last frame arrived intact
                     heard = life = True
-                    if ev.flags & P.Flag.PENDING and not ev.payload:
+                    if ev.flags & Flag.PENDING and not ev.payload:
                         continue
-                    if ev.cmd == P.Cmd.ERROR:
-                        code, msg = P.parse_error_payload(ev.payload)
-                        raise error_from_code(code, msg, self._ctx(cmd, seq))
+                    if ev.cmd == Cmd.ERROR:
+                        code, msg = parse_error_payload(ev.payload)
+                        raise chip_error(code, msg, self._ctx(cmd, seq))
                     if ev.cmd != cmd:
                         raise ProtocolError(f"{self._ctx(cmd, seq)}: reply carries command "
-                                            f"{P.cmd_name(ev.cmd)}")
-                    if not ev.flags & P.Flag.CHUNKED:
+                                            f"{cmd_name(ev.cmd)}")
+                    if not ev.flags & Flag.CHUNKED:
                         return ev.flags, ev.payload
-                    if len(ev.payload) < P.CHUNK_HEADER.size:
+                    if len(ev.payload) < CHUNK_HEADER.size:
                         raise ProtocolError(f"{self._ctx(cmd, seq)}: chunk shorter than its "
                                             "header")
-                    idx, tot = P.CHUNK_HEADER.unpack_from(ev.payload)
+                    idx, tot = CHUNK_HEADER.unpack_from(ev.payload)
                     if total is None:
                         total = tot
                         if round_last is None:
@@ -439,11 +430,11 @@ class SerialDevice(HostDevice):
                                             f"{idx}/{tot}")
                     round_max = max(round_max, idx)
                     if idx not in chunks:
-                        size += len(ev.payload) - P.CHUNK_HEADER.size
-                        if size > P.MAX_MESSAGE:
+                        size += len(ev.payload) - CHUNK_HEADER.size
+                        if size > MAX_MESSAGE:
                             raise ProtocolError(f"{self._ctx(cmd, seq)}: reply exceeds "
                                                 "MAX_MESSAGE")
-                        chunks[idx] = ev.payload[P.CHUNK_HEADER.size:]
+                        chunks[idx] = ev.payload[CHUNK_HEADER.size:]
                         deadline = now + long_t  # progress
                         fruitless = 0
                         if len(chunks) == total:
@@ -490,10 +481,10 @@ class SerialDevice(HostDevice):
                 if len(payload) <= self.chunk_bytes:
                     return self._transact(cmd, payload, flags, extra_timeout, expect_bytes,
                                           splittable=splittable)[1]
-                parts = split_chunks(payload, self.chunk_bytes - P.CHUNK_HEADER.size)
+                parts = split_chunks(payload, self.chunk_bytes - CHUNK_HEADER.size)
                 for i, part in enumerate(parts):
                     last = i == len(parts) - 1
-                    reply = self._transact(cmd, part, flags | P.Flag.CHUNKED,
+                    reply = self._transact(cmd, part, flags | Flag.CHUNKED,
                                            extra_timeout if last else 0.0,
                                            expect_bytes if last else 0,
                                            splittable=splittable)[1]
@@ -504,15 +495,15 @@ class SerialDevice(HostDevice):
 
     # -- session ---------------------------------------------------------------------------------
     def _hello(self, time_format: str) -> None:
-        reply = self._transact(P.Cmd.HELLO, P.HELLO_REQ.pack(P.PROTOCOL_VERSION,
+        reply = self._transact(Cmd.HELLO, HELLO_REQ.pack(PROTOCOL_VERSION,
                                                              self.reply_chunk_bytes))[1]
-        if len(reply) < P.HELLO_REPLY.size:
+        if len(reply) < HELLO_REPLY.size:
             raise ProtocolError(f"{self.url}: HELLO reply too short")
-        (version,) = P.HELLO_REPLY.unpack_from(reply)
-        if version != P.PROTOCOL_VERSION:
+        (version,) = HELLO_REPLY.unpack_from(reply)
+        if version != PROTOCOL_VERSION:
             raise ProtocolError(f"{self.url}: chip speaks protocol {version}, host "
-                                f"{P.PROTOCOL_VERSION}")
-        doc = self._accept_hello(reply[P.HELLO_REPLY.size:], "HELLO JSON")
+                                f"{PROTOCOL_VERSION}")
+        doc = self._accept_hello(reply[HELLO_REPLY.size:], "HELLO JSON")
         self._choose_formats(doc, time_format)
 
     # -- transport hooks of HostDevice -----------------------------------------------------------
@@ -521,26 +512,26 @@ class SerialDevice(HostDevice):
         return self.url
 
     def _ctx_run(self) -> str:
-        return self._ctx(P.Cmd.RUN_BATCH)
+        return self._ctx(Cmd.RUN_BATCH)
 
     def status(self) -> dict:
-        return json.loads(self._transact(P.Cmd.STATUS)[1].decode("utf-8"))
+        return json.loads(self._transact(Cmd.STATUS)[1].decode("utf-8"))
 
     def _program(self, spec: NetworkSpec) -> None:
-        self._send(P.Cmd.PROGRAM, spec.model_dump_json().encode("utf-8"))
+        self._send(Cmd.PROGRAM, spec.model_dump_json().encode("utf-8"))
 
     def _reset(self) -> None:
-        self._transact(P.Cmd.RESET)
+        self._transact(Cmd.RESET)
 
     def _set_windows(self, arr: np.ndarray) -> None:
-        self._transact(P.Cmd.SET_WINDOWS, P.WINDOWS_HDR.pack(arr.shape[0]) +
-                       arr.astype(P.DT_F64).tobytes())
+        self._transact(Cmd.SET_WINDOWS, WINDOWS_HDR.pack(arr.shape[0]) +
+                       arr.astype(DT_F64).tobytes())
 
     def _weight_step(self, wide: bool) -> int:
-        return (self.chunk_bytes - P.WRITE_WEIGHTS_HDR.size) // (4 if wide else 2)
+        return (self.chunk_bytes - WRITE_WEIGHTS_HDR.size) // (4 if wide else 2)
 
     def _code_bytes(self, wide: bool) -> int:
-        return P.code_dtype(wide).itemsize
+        return code_dtype(wide).itemsize
 
     def _pieces(self, ranges: list[tuple[int, int]], per_piece, send_piece) -> None:
         """Send the index ranges in pieces of ``per_piece()`` items (the current frame size);
@@ -564,79 +555,79 @@ class SerialDevice(HostDevice):
 
     def _send_weights(self, layer: int, flat: np.ndarray, scale: float, wide: bool,
                       todo: list[int], step: int, sparse: Optional[np.ndarray]) -> None:
-        dt = P.code_dtype(wide)
-        flags = P.Flag.WIDE if wide else 0
+        dt = code_dtype(wide)
+        flags = Flag.WIDE if wide else 0
         if sparse is not None:
             def piece(a: int, b: int, last: bool, splittable: bool) -> None:
                 idx = sparse[a:b]
-                self._transact(P.Cmd.WRITE_WEIGHTS_SPARSE,
-                               P.encode_sparse(layer, idx, flat[idx], scale, wide),
-                               flags | (P.Flag.COMMIT if last else 0), splittable=splittable)
+                self._transact(Cmd.WRITE_WEIGHTS_SPARSE,
+                               encode_sparse(layer, idx, flat[idx], scale, wide),
+                               flags | (Flag.COMMIT if last else 0), splittable=splittable)
 
-            self._pieces([(0, sparse.size)], lambda: (self.chunk_bytes - P.WRITE_WEIGHTS_SPARSE_HDR
+            self._pieces([(0, sparse.size)], lambda: (self.chunk_bytes - WRITE_WEIGHTS_SPARSE_HDR
                                                       .size) // (4 + dt.itemsize), piece)
         else:
             def piece(a: int, b: int, last: bool, splittable: bool) -> None:
-                payload = P.WRITE_WEIGHTS_HDR.pack(layer, a, b - a, scale) + \
+                payload = WRITE_WEIGHTS_HDR.pack(layer, a, b - a, scale) + \
                     flat[a:b].astype(dt).tobytes()
-                self._transact(P.Cmd.WRITE_WEIGHTS, payload,
-                               flags | (P.Flag.COMMIT if last else 0), splittable=splittable)
+                self._transact(Cmd.WRITE_WEIGHTS, payload,
+                               flags | (Flag.COMMIT if last else 0), splittable=splittable)
 
             self._pieces([(s, min(s + step, flat.size)) for s in todo],
                          lambda: self._weight_step(wide), piece)
 
     def _weights_crc(self, layer: int) -> tuple[int, float, int]:
-        return P.WEIGHTS_CRC_REPLY.unpack(
-            self._transact(P.Cmd.WEIGHTS_CRC, P.LAYER.pack(layer))[1])
+        return WEIGHTS_CRC_REPLY.unpack(
+            self._transact(Cmd.WEIGHTS_CRC, LAYER.pack(layer))[1])
 
     def _threshold_step(self) -> int:
-        return (self.chunk_bytes - P.WRITE_THRESHOLDS_HDR.size) // 8
+        return (self.chunk_bytes - WRITE_THRESHOLDS_HDR.size) // 8
 
     def _send_thresholds(self, layer: int, flat: np.ndarray, todo: list[int],
                          step: int) -> None:
         def piece(a: int, b: int, last: bool, splittable: bool) -> None:
-            payload = P.WRITE_THRESHOLDS_HDR.pack(layer, a, b - a) + \
-                flat[a:b].astype(P.DT_F64).tobytes()
-            self._transact(P.Cmd.WRITE_THRESHOLDS, payload, P.Flag.COMMIT if last else 0,
+            payload = WRITE_THRESHOLDS_HDR.pack(layer, a, b - a) + \
+                flat[a:b].astype(DT_F64).tobytes()
+            self._transact(Cmd.WRITE_THRESHOLDS, payload, Flag.COMMIT if last else 0,
                            splittable=splittable)
 
         self._pieces([(s, min(s + step, flat.size)) for s in todo], self._threshold_step, piece)
 
     def _read_thr_flat(self, layer: int, n: int) -> np.ndarray:
-        step = (P.MAX_MESSAGE - P.COUNT.size) // 8  # the chip splits the reply into frames
+        step = (MAX_MESSAGE - COUNT.size) // 8  # the chip splits the reply into frames
         out = np.zeros(n, dtype=np.float64)
         for s in range(0, n, step):
             cnt = min(step, n - s)
-            reply = self._transact(P.Cmd.READ_THRESHOLDS, P.READ_RANGE.pack(layer, s, cnt),
+            reply = self._transact(Cmd.READ_THRESHOLDS, READ_RANGE.pack(layer, s, cnt),
                                    expect_bytes=8 * cnt)[1]
-            got = P.COUNT.unpack_from(reply)[0] if len(reply) >= P.COUNT.size else -1
-            if got != cnt or len(reply) != P.COUNT.size + 8 * cnt:
-                raise ProtocolError(f"{self._ctx(P.Cmd.READ_THRESHOLDS)}: asked {cnt} values, got "
+            got = COUNT.unpack_from(reply)[0] if len(reply) >= COUNT.size else -1
+            if got != cnt or len(reply) != COUNT.size + 8 * cnt:
+                raise ProtocolError(f"{self._ctx(Cmd.READ_THRESHOLDS)}: asked {cnt} values, got "
                                     f"{got}")
-            out[s:s + cnt] = np.frombuffer(reply, P.DT_F64, cnt, P.COUNT.size)
+            out[s:s + cnt] = np.frombuffer(reply, DT_F64, cnt, COUNT.size)
         return out
 
     def _run_exchange(self, arr: np.ndarray, b: int, expect: int) -> bytes:
-        payload = P.RUN_REQ.pack(*arr.shape) + self._input_values(arr).tobytes()
-        return self._send(P.Cmd.RUN_BATCH, payload, P.Flag.F64_TIMES if self.f64 else 0,
+        payload = self._run_request(arr)
+        return self._send(Cmd.RUN_BATCH, payload, Flag.F64_TIMES if self.f64 else 0,
                           extra_timeout=self.per_sample_timeout_s * b, expect_bytes=expect)
 
     # -- commands of the frame dialect -----------------------------------------------------------
-    def lock(self, op: int = P.LockOp.QUERY) -> dict:
+    def lock(self, op: int = LockOp.QUERY) -> dict:
         """Control of the chip (LOCK): ``{"owner": address or None, "you": bool}`` after
         ``op`` (QUERY, REQUEST: BUSY DeviceError while another link has it, RELEASE,
         TAKE_OVER)."""
-        if P.FEATURE_LOCK not in self._features:
-            raise DeviceError(f"{self._ctx(P.Cmd.LOCK)}: the chip has no LOCK command")
-        return json.loads(self._transact(P.Cmd.LOCK, P.LOCK_PAYLOAD.pack(int(op)))[1])
+        if FEATURE_LOCK not in self._features:
+            raise DeviceError(f"{self._ctx(Cmd.LOCK)}: the chip has no LOCK command")
+        return json.loads(self._transact(Cmd.LOCK, LOCK_PAYLOAD.pack(int(op)))[1])
 
     def seed_noise(self, seed: int) -> None:
         """Reseed the chip's random jitter (SEED_NOISE); a chip that cannot (UNSUPPORTED or an
         older firmware without the command) ignores it, as the contract allows."""
         try:
-            self._transact(P.Cmd.SEED_NOISE, P.SEED.pack(int(seed) & 0xFFFFFFFFFFFFFFFF))
+            self._transact(Cmd.SEED_NOISE, SEED.pack(int(seed) & 0xFFFFFFFFFFFFFFFF))
         except DeviceError as e:
-            if getattr(e, "code", None) not in (P.Err.UNSUPPORTED, P.Err.UNKNOWN_COMMAND):
+            if getattr(e, "code", None) not in (Err.UNSUPPORTED, Err.UNKNOWN_COMMAND):
                 raise
 
     # -- read-back -------------------------------------------------------------------------------
@@ -644,23 +635,23 @@ class SerialDevice(HostDevice):
         spec = self._layer(layer, WEIGHT_KINDS)
         n = math.prod(spec.weight_shape)
         wide = self._info.weight_bits > 16
-        dt = P.code_dtype(wide)
+        dt = code_dtype(wide)
         # one request per MAX_MESSAGE worth of codes: the chip splits the reply into frames
-        step = (P.MAX_MESSAGE - P.READ_WEIGHTS_REPLY.size) // dt.itemsize
+        step = (MAX_MESSAGE - READ_WEIGHTS_REPLY.size) // dt.itemsize
         out = np.zeros(n, dtype=np.int64)
         scale = 0.0
         for s in range(0, max(n, 1), step):
             cnt = min(step, n - s)
-            reply = self._transact(P.Cmd.READ_WEIGHTS, P.READ_RANGE.pack(layer, s, cnt),
-                                   P.Flag.WIDE if wide else 0, expect_bytes=cnt * dt.itemsize)[1]
-            if len(reply) < P.READ_WEIGHTS_REPLY.size:
-                raise ProtocolError(f"{self._ctx(P.Cmd.READ_WEIGHTS)}: reply of {len(reply)} "
+            reply = self._transact(Cmd.READ_WEIGHTS, READ_RANGE.pack(layer, s, cnt),
+                                   Flag.WIDE if wide else 0, expect_bytes=cnt * dt.itemsize)[1]
+            if len(reply) < READ_WEIGHTS_REPLY.size:
+                raise ProtocolError(f"{self._ctx(Cmd.READ_WEIGHTS)}: reply of {len(reply)} "
                                     "bytes is shorter than its header")
-            scale, got = P.READ_WEIGHTS_REPLY.unpack_from(reply)
-            if got != cnt or len(reply) != P.READ_WEIGHTS_REPLY.size + cnt * dt.itemsize:
-                raise ProtocolError(f"{self._ctx(P.Cmd.READ_WEIGHTS)}: asked {cnt} codes, got "
+            scale, got = READ_WEIGHTS_REPLY.unpack_from(reply)
+            if got != cnt or len(reply) != READ_WEIGHTS_REPLY.size + cnt * dt.itemsize:
+                raise ProtocolError(f"{self._ctx(Cmd.READ_WEIGHTS)}: asked {cnt} codes, got "
                                     f"{got} in {len(reply)} bytes")
-            out[s:s + cnt] = np.frombuffer(reply, dt, cnt, P.READ_WEIGHTS_REPLY.size)
+            out[s:s + cnt] = np.frombuffer(reply, dt, cnt, READ_WEIGHTS_REPLY.size)
         return torch.from_numpy(out.reshape(spec.weight_shape)), float(scale)
 
     def close(self) -> None:

@@ -53,17 +53,15 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from hwloop.devices.base import (NEURON_KINDS, WEIGHT_KINDS, DeviceInfo, DeviceRecord, NetworkSpec,
                                  TTFSDevice, check_codes, check_fits)
-from hwloop.devices.profile import DeviceProfile, load_profile
+from hwloop.emulator import physics
+from hwloop.emulator.profile import DeviceProfile, load_profile
 from hwloop.errors import DataError, DeviceError, DeviceLimitError
-from hwloop.quant import TICK_TOL, fired_indicator, quantize_times, silence_where_
 
 __all__ = ["EmulatorDevice", "FROZEN_NAMES"]
 
-INF = math.inf
 F64 = torch.float64
 #: Frozen parameters of a neuron layer, in the order they are drawn.
 FROZEN_NAMES = ("synapse_gain", "capacitance", "ramp", "threshold_offset", "comparator_delay")
@@ -313,133 +311,66 @@ class EmulatorDevice(TTFSDevice):
                                    f"{self._info.max_batch}")
         return self.simulate(t_in, self.draw_noise(int(t_in.shape[0])))
 
-    def _layer_constants(self, i: int) -> dict:
+    def _layer_constants(self, i: int) -> physics.NeuronConstants:
         """Per-neuron constants of neuron layer ``i`` for the current thresholds and window.
 
         Cached: they only change with :meth:`write_thresholds`, :meth:`set_windows` and
         :meth:`program` (which drop the cache)."""
         c = self._consts.get(i)
-        if c is not None:
-            return c
-        layer = self._spec.layers[i]
-        p, m, fz = self.profile, self.profile.mismatch, self.frozen[i]
-        t_min, t_max = float(layer.t_min), float(layer.t_max)
-        width = t_max - t_min
-        theta = self._thresholds[i]
-        if m.threshold_offset_sd:
-            theta = theta + fz["threshold_offset"] * width
-        cap = fz["capacitance"] if m.capacitance_sd else None
-        slope = None
-        if m.ramp_current_sd or m.capacitance_sd:
-            slope = fz["ramp"] / fz["capacitance"]
-        # emission time t_e = lead + gap / slope (+ jitter); lead = t_min + comparator delay
-        lead = t_min + fz["comparator_delay"] if m.comparator_delay_sd else None
-        cap_f = p.capacitance_f if cap is None else p.capacitance_f * cap
-        vpu = p.threshold_voltage_v / width
-        # energy (hwloop.energy.layer_energy with per-neuron constants): a fired neuron costs
-        # e_fire = T_r + C theta^2 v^2 / 2, a silent one C V(t_max)^2 v^2 / 2; the second column
-        # of ``fire_mat`` counts the spikes in the same product
-        shape = tuple(layer.out_shape)
-        half_cu2 = ((0.5 * vpu * vpu) * torch.as_tensor(cap_f, dtype=F64)).expand(shape).reshape(-1)
-        e_fire = float(p.transmission_energy_j) + half_cu2 * theta.expand(shape).reshape(-1) ** 2
-        c = {"t_min": t_min, "t_max": t_max, "width": width, "theta": theta,
-             "inv_cap": None if cap is None else 1.0 / cap,
-             "inv_slope": None if slope is None else 1.0 / slope,
-             "ramp_width": width if slope is None else slope * width, "lead": lead,
-             "cap_f": cap_f, "vpu": vpu, "half_cu2": half_cu2.contiguous(),
-             "fire_mat": torch.stack([e_fire, torch.ones_like(e_fire)], 1)}
-        self._consts[i] = c
+        if c is None:
+            p, m = self.profile, self.profile.mismatch
+            c = physics.neuron_constants(
+                self._spec.layers[i], self._thresholds[i], self.frozen[i],
+                capacitance_f=p.capacitance_f, threshold_voltage_v=p.threshold_voltage_v,
+                transmission_energy_j=p.transmission_energy_j,
+                threshold_offset=bool(m.threshold_offset_sd), capacitance=bool(m.capacitance_sd),
+                ramp=bool(m.ramp_current_sd), comparator_delay=bool(m.comparator_delay_sd))
+            self._consts[i] = c
         return c
 
     def simulate(self, input_spike_times: torch.Tensor,
                  noise: list[Optional[torch.Tensor]]) -> DeviceRecord:
-        """The closed-form forward pass with given jitter noise (standard normals, one per
-        input and neuron layer, as :meth:`draw_noise` makes them; ``None`` = no jitter)."""
+        """The closed-form forward pass (:mod:`hwloop.emulator.physics`) with given jitter
+        noise (standard normals, one per input and neuron layer, as :meth:`draw_noise` makes
+        them; ``None`` = no jitter)."""
         spec = self._check_programmed()
         p = self.profile
-        K = p.time_steps_per_layer
-        js = float(p.jitter_sd)
+        steps, js = p.time_steps_per_layer, float(p.jitter_sd)
         t_in = torch.as_tensor(input_spike_times)
         if t_in.numel() and bool(torch.isnan(t_in.min())):  # min propagates NaN: one pass
             raise DataError("input spike times contain NaN (use +inf for no spike)")
+        t = physics.input_stage(t_in, noise[0], js, spec.t_max0, steps)
         gate = spec.t_max0 - 1.0  # start of the window of the stage feeding the next layer
-        if js and noise[0] is not None:
-            t = torch.add(t_in.to(F64), noise[0].to(F64), alpha=js)
-        else:
-            t = t_in.to(F64, copy=True)
-        if K:
-            t = quantize_times(t, gate, spec.t_max0, K, out=t)
         stages = [t]
         v_list, energies, counts = [], [], []
         readout = None
         k = 1
         for i, layer in enumerate(spec.layers):
-            kind = layer.kind
-            if kind in NEURON_KINDS:
+            if layer.kind in NEURON_KINDS:
                 c = self._layer_constants(i)
-                t_min, t_max, width = c["t_min"], c["t_max"], c["width"]
-                x = torch.rsub(t, t_min).clamp_(0.0, t_min - gate)
-                w = self._w_eff[i]
-                if kind == "dense":
-                    v = F.linear(x, w)
-                else:
-                    v = F.conv2d(x, w, None, layer.stride, layer.padding)
-                del x
-                if c["inv_cap"] is not None:
-                    v.mul_(c["inv_cap"])
-                theta = c["theta"]
-                gap = torch.sub(theta, v).clamp_(min=0.0)  # potential still to climb at t_min
-                if c["inv_slope"] is not None:
-                    gap.mul_(c["inv_slope"])                # -> time to climb it
-                room = torch.rsub(gap, width)               # > 0 iff t_cross < t_max
-                t_e = gap.add_(c["lead"] if c["lead"] is not None else t_min)
-                if js and noise[k] is not None:
-                    t_e.add_(noise[k].to(F64), alpha=js)
-                if K:  # register at the next tick; a tick at t_max is silent
-                    # (k < K implies t_e < t_max, so that test is not needed here)
-                    dt = width / K
-                    t_e.sub_(t_min + TICK_TOL * dt).mul_(1.0 / dt).ceil_().clamp_(min=0.0)
-                    torch.minimum(room, torch.rsub(t_e, float(K)), out=room)
-                    t_e.mul_(dt).add_(t_min)
-                elif c["lead"] is not None or js:
-                    torch.minimum(room, torch.rsub(t_e, t_max), out=room)  # and t_e < t_max
-                fired = fired_indicator(room)               # float 1.0 / +0.0
-                del room
-                t_out = silence_where_(t_e, fired)
-                # V(t_max) of silent neurons: the ramp's end, held at threshold if it crossed
-                v_end = v.add_(c["ramp_width"])
-                v_end = torch.minimum(v_end, theta, out=v_end).mul_(torch.rsub(fired, 1.0))
-                # energy and spike count in one product (v_end is already 0 where fired)
-                f2 = fired.view(fired.shape[0], -1)
-                v2 = v_end.reshape(f2.shape)
-                ec = f2.mm(c["fire_mat"])
-                energies.append(torch.addmv(ec[:, 0], v2 * v2, c["half_cu2"]))
-                counts.append(ec[:, 1])  # float, exact up to 2^53
+                t, v_end, energy, count = physics.neuron_layer(
+                    t, gate, layer, self._w_eff[i], c, noise[k], js, steps)
+                energies.append(energy)
+                counts.append(count)
                 v_list.append(v_end)
-                t = t_out
-                gate = t_min
+                gate = c.t_min
                 stages.append(t)
                 k += 1
-            elif kind == "maxpool2d":
-                earliest = -F.max_pool2d(-t, layer.kernel_size, layer.stride)
-                if layer.pool_sign is not None and any(s < 0 for s in layer.pool_sign):
-                    latest = F.max_pool2d(t, layer.kernel_size, layer.stride)
-                    sign = torch.tensor(layer.pool_sign).view(-1, 1, 1)
-                    t = torch.where(sign > 0, earliest, latest)
-                else:
-                    t = earliest
+            elif layer.kind == "maxpool2d":
+                t = physics.max_pool(t, layer)
                 stages.append(t)
-            elif kind == "flatten":
+            elif layer.kind == "flatten":
                 t = t.flatten(1)
-            elif kind == "readout":
-                t_read = float(layer.t_max)
-                x = torch.rsub(t, t_read).clamp_(0.0, t_read - gate)
-                readout = F.linear(x, self._w_eff[i], self._thresholds[i])
-                if p.mismatch.capacitance_sd:
-                    readout.div_(self.frozen[i]["capacitance"])
+            elif layer.kind == "readout":
+                cap = self.frozen[i]["capacitance"] if p.mismatch.capacitance_sd else None
+                readout = physics.readout(t, gate, layer, self._w_eff[i], self._thresholds[i], cap)
                 break
         if readout is None:  # pragma: no cover - NetworkSpec from mapping always has a readout
             raise DeviceError("the programmed network has no readout layer")
+        return self._record(spec, stages, readout, v_list, energies, counts)
+
+    def _record(self, spec: NetworkSpec, stages, readout, v_list, energies,
+                counts) -> DeviceRecord:
         batch = int(stages[0].shape[0])
         energy = (torch.stack(energies, 1) if energies
                   else torch.zeros(batch, 0, dtype=F64))
@@ -449,5 +380,5 @@ class EmulatorDevice(TTFSDevice):
             spike_times=stages, readout=readout, v_tmax=v_list, spike_counts=spike_counts,
             neurons_per_layer=[spec.layers[i].n_neurons for i in spec.neuron_layers()],
             energy_j=energy,
-            meta={"device_id": self._info.device_id, "profile": p.name, "chip_seed": self.chip_seed,
-                  "jitter_seed": self.jitter_seed})
+            meta={"device_id": self._info.device_id, "profile": self.profile.name,
+                  "chip_seed": self.chip_seed, "jitter_seed": self.jitter_seed})
