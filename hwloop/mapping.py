@@ -14,8 +14,9 @@
 * :func:`write_network_weights` / :func:`write_network_thresholds`: the two passes of
   :func:`program_network`.
 * :func:`weight_layer_indices`: the one rule for which layers hold weights (and thresholds).
-* :func:`mapping_hints`: the one place that reads what an emulator tells beyond the device
-  contract (float weights, the profile's window and clip percentiles).
+* :func:`mapping_hints`: a device's mapping defaults from the contract
+  (:attr:`TTFSDevice.mapping_defaults`: float weights, window and clip percentiles; an emulator
+  fills them from its profile).
 * :func:`dequantized_network`: the network the host believes is on the chip (weights = codes x
   scale).
 * :func:`layer_thresholds`: the one rule for what a layer's thresholds are: computed with the
@@ -25,7 +26,7 @@
 * :func:`latency_windows` / :func:`apply_windows`: Methods (ii)/(iv): shrink every window to hold
   a percentile of the ReLU activations on training data, laid end to end.
 
-Float weights: when the device has no weight quantisation (``device.float_weights``, the ideal
+Float weights: when the device has no weight quantisation (``device.mapping_defaults.float_weights``, the ideal
 emulator) and no ``weight_bits`` is asked for, the float64 weights are written as they are with
 scale 1.0.
 """
@@ -97,13 +98,12 @@ class MappingHints:
 
 
 def mapping_hints(device: TTFSDevice) -> MappingHints:
-    """The one place that reads optional, emulator-only attributes of a device
-    (``float_weights``, ``profile.window_percentile``, ``profile.weight_clip_percentile``);
-    a chip behind a link has none of them and gets the defaults."""
-    prof = getattr(device, "profile", None)
-    return MappingHints(float_weights=bool(getattr(device, "float_weights", False)),
-                        window_percentile=getattr(prof, "window_percentile", None),
-                        weight_clip_percentile=getattr(prof, "weight_clip_percentile", None))
+    """The mapping hints of a device, from the contract's :attr:`TTFSDevice.mapping_defaults`
+    (a chip behind a link gets the defaults; the emulator's come from its profile)."""
+    d = device.mapping_defaults
+    return MappingHints(float_weights=bool(d.float_weights),
+                        window_percentile=d.window_percentile,
+                        weight_clip_percentile=d.weight_clip_percentile)
 
 
 def network_to_spec(net: TTFSNetwork) -> NetworkSpec:

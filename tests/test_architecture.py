@@ -173,3 +173,21 @@ def test_function_level_imports_say_why():
                 bad.append(f"{module_name(p)}:{line}: {lines[line - 1].strip()}")
     assert not bad, ("imports inside functions without a comment saying why (optional extra or "
                      "measured import-time cost):\n" + "\n".join(bad))
+
+
+#: "about 500 lines a module, about 80 a function" (issue #11), with a little slack
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 520, 85
+
+
+def test_modules_and_functions_stay_small():
+    big, long_fns = [], []
+    for p in FILES:
+        text = p.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            big.append(f"{module_name(p)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long_fns.append(f"{module_name(p)}.{node.name}: {n} lines")
+    assert not big and not long_fns, "split these:\n" + "\n".join(big + long_fns)

@@ -290,7 +290,7 @@ def test_fit_sets_failed_estimates_to_the_layer_median_with_a_note():
     """What a short calibration can produce (a neuron saturated in most synapse probes: row gain
     -0.1) is not written as it is (compensation used to clamp it to 0.2, i.e. weights x 5) but
     replaced by the layer's median and named in the record's notes."""
-    from hwloop.calibrate.fit import _to_median
+    from hwloop.calibrate.options import _to_median
     s = torch.tensor([1.0, 0.9, 9.0, 1.1, -0.1], dtype=torch.float64)
     d = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64)
     bad = (s < 0.2) | (s > 5.0)
@@ -302,7 +302,7 @@ def test_fit_sets_failed_estimates_to_the_layer_median_with_a_note():
 
 
 def test_fit_reports_a_refused_value_as_calibration_error():
-    from hwloop.calibrate.fit import _fitted
+    from hwloop.calibrate.options import _fitted
     with pytest.raises(CalibrationError,
                        match=r"calibration of chip-x, layer 1 \(dense\).*slope.*neuron 2.*\[0\.2, 5\]"):
         with _fitted("chip-x", "layer 1 (dense)"):

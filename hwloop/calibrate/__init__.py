@@ -2,9 +2,13 @@
 
 * :mod:`~hwloop.calibrate.probes`: probe programs and input patterns, through the TTFSDevice
   contract only;
-* :mod:`~hwloop.calibrate.fit`: the circuit model's estimators and :func:`calibrate_device`;
+* :mod:`~hwloop.calibrate.fit`: the circuit model and :func:`calibrate_device`, which runs the
+  steps of :mod:`~hwloop.calibrate.sweeps` (threshold sweep, jitter, per-layer fits) and
+  :mod:`~hwloop.calibrate.synapses` (synapse probes), with the estimators of
+  :mod:`~hwloop.calibrate.estimators` and the options of :mod:`~hwloop.calibrate.options`;
 * :mod:`~hwloop.calibrate.record`: :class:`CalibrationRecord`, :func:`save_record`,
-  :func:`load_record` (hash-verified);
+  :func:`load_record` (hash-verified); its values and shapes are checked by
+  :mod:`~hwloop.calibrate.validate`, its per-synapse arrays are :mod:`~hwloop.calibrate.array`;
 * :mod:`~hwloop.calibrate.compensate`: :func:`program_calibrated`.
 
 Random jitter (new every run) cannot be calibrated away; it is only measured.

@@ -41,12 +41,9 @@ Allowed values (closed ranges; docs/calibration.md, "What a record must satisfy"
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -56,119 +53,24 @@ import numpy as np
 import torch
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
-from pydantic_core import PydanticCustomError
 
+from hwloop.calibrate.array import Array
+from hwloop.calibrate.validate import (FACTOR_RANGE, LAYER_KINDS, OFFSET_RANGE, SYNAPSE_RANGE, _fail,
+                                       check_delays, check_distinct_indices, check_per_neuron,
+                                       check_synapse_gain, describe_validation_error, short)
 from hwloop.errors import CalibrationError
 
+#: re-exported: Array (:mod:`hwloop.calibrate.array`), FACTOR_RANGE, OFFSET_RANGE, SYNAPSE_RANGE
+#: and describe_validation_error (:mod:`hwloop.calibrate.validate`)
 __all__ = ["Array", "CalibrationRecord", "LayerCalibration", "FORMAT", "FACTOR_RANGE",
            "OFFSET_RANGE", "SYNAPSE_RANGE", "check_record_matches", "content_hash", "describe_validation_error",
            "load_record", "mismatch_digest", "save_record", "validate_record"]
 
 FORMAT = "hwloop-calibration/1"
 
-#: allowed range of the per-neuron factors slope s_i, gain k_i, offset gain q_k (ideal 1)
-FACTOR_RANGE = (0.2, 5.0)
-#: allowed range of the threshold offset o_i (fraction of the base threshold = window width)
-OFFSET_RANGE = (-1.0, 1.0)
-#: allowed range of one per-synapse gain, widened by SE_MARGIN standard errors of the estimate
-SYNAPSE_RANGE = (0.0, 5.0)
-SE_MARGIN = 4.0
-LAYER_KINDS = ("dense", "conv2d", "readout")
 #: record fields added after format 1 was first written: left out of the content hash while
 #: they are None, so that records written before them still verify
 OPTIONAL_FIELDS = ("mismatch_sha256",)
-#: the per-neuron fields, what they are (for messages) and their allowed range (delay: the
-#: record-level bound, the widest probe window)
-PER_NEURON: dict[str, tuple[str, tuple[float, float]]] = {
-    "slope": ("slope s_i = 1/B_i, tau_c per potential unit, ideal 1", FACTOR_RANGE),
-    "delay": ("delay d_i, tau_c", (-math.inf, math.inf)),
-    "threshold_offset": ("threshold offset o_i, fraction of the window width, ideal 0",
-                         OFFSET_RANGE),
-    "offset_gain": ("readout offset gain q_k, ideal 1", FACTOR_RANGE),
-    "gain": ("input gain k_i (row mean of the synapse gains), ideal 1", FACTOR_RANGE),
-}
-
-
-def short(v: Any, n: int = 40) -> str:
-    r = repr(v)
-    return r if len(r) <= n else r[:n] + "..."
-
-
-def _fail(field: str, detail: str) -> PydanticCustomError:
-    """A validation error whose ``ctx["field"]`` (dotted, relative to the validated model)
-    completes pydantic's location in :func:`describe_validation_error`."""
-    return PydanticCustomError("calibration_value", "{detail}", {"detail": detail, "field": field})
-
-
-def _rng(lo: float, hi: float) -> str:
-    return f"[{lo:.6g}, {hi:.6g}]"
-
-
-def _first_outside(a: np.ndarray, lo: float, hi: float) -> Optional[tuple[int, int]]:
-    """(flat index of the first value outside [lo, hi] or not finite, how many), or None."""
-    bad = np.flatnonzero(~(np.isfinite(a) & (a >= lo) & (a <= hi)))
-    return None if bad.size == 0 else (int(bad[0]), int(bad.size))
-
-
-def _more(n: int) -> str:
-    return f" (and {n - 1} more)" if n > 1 else ""
-
-
-class Array(BaseModel):
-    """A float array stored as base64 of little-endian float32 (per-synapse data).
-
-    Validated: ``shape`` non-negative, ``b64`` strict base64 of exactly ``4 prod(shape)`` bytes,
-    every value finite."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, revalidate_instances="always")
-
-    shape: tuple[int, ...]
-    b64: str
-    #: the decoded bytes (validated), so that the array is decoded once
-    _raw: Optional[bytes] = PrivateAttr(default=None)
-
-    @model_validator(mode="after")
-    def _decode(self) -> "Array":
-        if any(s < 0 for s in self.shape):
-            raise _fail("shape", f"shape {tuple(self.shape)} has a negative size")
-        n = int(np.prod(self.shape, dtype=np.int64))
-        try:
-            raw = base64.b64decode(self.b64.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError) as exc:
-            raise _fail("b64", f"not valid base64 ({exc}) for shape {tuple(self.shape)} "
-                               f"({n} float32 values): the array was truncated or edited") from None
-        if len(raw) != 4 * n:
-            raise _fail("b64", f"holds {len(raw)} bytes ({len(raw) / 4:g} float32 values), shape "
-                               f"{tuple(self.shape)} needs {4 * n} bytes ({n} values): the array was "
-                               "truncated or edited")
-        a = np.frombuffer(raw, dtype="<f4")
-        bad = _first_outside(a, -math.inf, math.inf)
-        if bad is not None:
-            j, cnt = bad
-            raise _fail("b64", f"element {self._where(j)} is {float(a[j])!r}{_more(cnt)}; values "
-                               "must be finite numbers")
-        self._raw = raw
-        return self
-
-    def _where(self, flat: int) -> tuple[int, ...]:
-        return tuple(int(i) for i in np.unravel_index(flat, self.shape)) if self.shape else ()
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> "Array":
-        a = np.ascontiguousarray(t.detach().cpu().to(torch.float32).numpy(), dtype="<f4")
-        return cls(shape=tuple(int(s) for s in a.shape), b64=base64.b64encode(a.tobytes()).decode())
-
-    def numpy(self) -> np.ndarray:
-        """The values, flat, float32 (read-only view of the decoded buffer)."""
-        if self._raw is None:  # pragma: no cover - set by the validator
-            self._raw = base64.b64decode(self.b64.encode())
-        return np.frombuffer(self._raw, dtype="<f4")
-
-    def tensor(self) -> torch.Tensor:
-        a = self.numpy()
-        if a.size != int(np.prod(self.shape, dtype=np.int64)):  # pragma: no cover - validated
-            raise CalibrationError(f"calibration array of shape {self.shape} holds {a.size} values")
-        return torch.from_numpy(a.copy()).reshape(self.shape).to(torch.float64)
 
 
 class LayerCalibration(BaseModel):
@@ -220,28 +122,11 @@ class LayerCalibration(BaseModel):
     @field_validator("slope", "delay", "threshold_offset", "offset_gain", "gain")
     @classmethod
     def _per_neuron(cls, v: Optional[list[float]], info: ValidationInfo) -> Optional[list[float]]:
-        if v is None:
-            return v
-        name = info.field_name
-        if name == "gain":
-            shape = info.data.get("weight_shape")
-            if not shape:
-                return v  # weight_shape itself is reported
-            n, what = int(shape[0]), f"one per weight row, weight_shape {tuple(shape)}"
-        else:
-            shape = info.data.get("out_shape")
-            if shape is None:
-                return v
-            n, what = int(np.prod(shape, dtype=np.int64)), f"one per neuron, out_shape {tuple(shape)}"
-        if len(v) != n:
-            raise ValueError(f"expected {n} values ({what}), got {len(v)}")
-        descr, (lo, hi) = PER_NEURON[name]
-        bad = _first_outside(np.asarray(v, dtype=np.float64), lo, hi)
-        if bad is not None:
-            j, cnt = bad
-            raise ValueError(f"neuron {j}{_more(cnt)}: {v[j]!r} is outside the allowed range "
-                             f"{_rng(lo, hi)} ({descr})")
+        if v is not None:
+            check_per_neuron(info.field_name, v, info.data.get("weight_shape"),
+                             info.data.get("out_shape"))
         return v
+
 
     @field_validator("synapse_gain_se")
     @classmethod
@@ -266,20 +151,7 @@ class LayerCalibration(BaseModel):
                 raise _fail(missing[0], f"required for a {self.kind} layer (slope, delay and "
                                         f"threshold_offset), missing: {', '.join(missing)}")
         if self.synapse_gain is not None:
-            sg = self.synapse_gain
-            if tuple(sg.shape) != tuple(self.weight_shape):
-                raise _fail("synapse_gain.shape", f"shape {tuple(sg.shape)} is not the layer's "
-                                                  f"weight_shape {tuple(self.weight_shape)}")
-            m = SE_MARGIN * (self.synapse_gain_se or 0.0)
-            lo, hi = SYNAPSE_RANGE[0] - m, SYNAPSE_RANGE[1] + m
-            bad = _first_outside(sg.numpy(), lo, hi)
-            if bad is not None:
-                j, cnt = bad
-                raise _fail("synapse_gain", f"synapse {sg._where(j)}{_more(cnt)}: "
-                                            f"{float(sg.numpy()[j]):.6g} is outside the allowed "
-                                            f"range {_rng(lo, hi)} (per-synapse gain, ideal 1: "
-                                            f"{_rng(*SYNAPSE_RANGE)} widened by {SE_MARGIN:g} x "
-                                            f"synapse_gain_se = {m:.3g})")
+            check_synapse_gain(self.synapse_gain, self.weight_shape, self.synapse_gain_se)
         return self
 
     def vec(self, name: str) -> Optional[torch.Tensor]:
@@ -381,23 +253,8 @@ class CalibrationRecord(BaseModel):
 
     @model_validator(mode="after")
     def _record(self) -> "CalibrationRecord":
-        seen: dict[int, int] = {}
-        for k, lc in enumerate(self.layers):
-            if lc.index in seen:
-                raise _fail(f"layers.{k}.index", f"network layer {lc.index} appears twice "
-                                                 f"(layers.{seen[lc.index]} and layers.{k})")
-            seen[lc.index] = k
-        wmax = max(self.probe_widths)
-        for k, lc in enumerate(self.layers):
-            if lc.delay is None:
-                continue
-            bad = _first_outside(np.asarray(lc.delay, dtype=np.float64), -wmax, wmax)
-            if bad is not None:
-                j, cnt = bad
-                raise _fail(f"layers.{k}.delay",
-                            f"neuron {j}{_more(cnt)}: {lc.delay[j]!r} is outside the allowed range "
-                            f"{_rng(-wmax, wmax)} ({PER_NEURON['delay'][0]}; at most the widest "
-                            "probe window, probe_widths)")
+        check_distinct_indices(self.layers)
+        check_delays(self.layers, self.probe_widths)
         return self
 
     @property
@@ -434,45 +291,6 @@ def _name(rec: CalibrationRecord) -> str:
     if rec.source:
         return f"calibration record {rec.source} (device {rec.device_id})"
     return f"calibration record of {rec.device_id} (in memory)"
-
-
-def _layer_label(data: Any, k: int) -> str:
-    try:
-        lc = data["layers"][k] if isinstance(data, dict) else data.layers[k]
-        index = lc["index"] if isinstance(lc, dict) else lc.index
-        kind = lc["kind"] if isinstance(lc, dict) else lc.kind
-        return f"network layer {int(index)}, {kind}"
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
-        return f"layers[{k}]"
-
-
-def describe_validation_error(exc: ValidationError, data: Any = None, prefix: tuple = ()) -> str:
-    """A one-line description of a pydantic error: dotted field path (``layers.0.slope``), the
-    network layer and neuron where the path has them, the message; and how many more."""
-    errs = exc.errors(include_url=False)
-    out = []
-    for err in errs[:1]:
-        loc = tuple(prefix) + tuple(err["loc"])
-        extra = (err.get("ctx") or {}).get("field")
-        if extra:
-            loc = loc + tuple(int(p) if p.isdigit() else p for p in str(extra).split("."))
-        path = ".".join(map(str, loc)) or "record"
-        where = ""
-        if len(loc) >= 2 and loc[0] == "layers" and isinstance(loc[1], int):
-            label = _layer_label(data, loc[1])
-            if len(loc) >= 4 and loc[2] in PER_NEURON and isinstance(loc[3], int):
-                label += f", neuron {loc[3]}"
-            where = f" ({label})"
-        msg = err["msg"]
-        if err["type"] == "value_error":
-            msg = msg.removeprefix("Value error, ")
-        elif err["type"] == "finite_number":
-            msg = f"{err.get('input')!r} is not allowed: values must be finite numbers"
-        elif "input" in err and not isinstance(err["input"], (dict, list, BaseModel)):
-            msg = f"{msg} (got {err['input']!r})"
-        out.append(f"{path}{where}: {msg}")
-    more = f" (and {len(errs) - 1} more problems)" if len(errs) > 1 else ""
-    return "; ".join(out) + more
 
 
 def validate_record(rec: CalibrationRecord) -> CalibrationRecord:

@@ -186,6 +186,24 @@ class DeviceRecord:
         return float(self.spike_counts.sum()) / (self.batch_size * total_neurons)
 
 
+@dataclass(frozen=True)
+class MappingDefaults:
+    """What a device suggests for mapping a network onto it (:attr:`TTFSDevice.mapping_defaults`).
+
+    Attributes:
+        float_weights: the device stores float weights (no weight quantisation: the ideal
+            emulator); codes are then the weights themselves and the scale 1.0.
+        window_percentile: the deployment window percentile it was characterised with
+            (Methods (iv)), or ``None`` for the caller's / the mapping's default.
+        weight_clip_percentile: the outlier percentile removed on each side before quantising
+            (Methods (iii)), or ``None`` for the default of the bit width.
+    """
+
+    float_weights: bool = False
+    window_percentile: Optional[float] = None
+    weight_clip_percentile: Optional[float] = None
+
+
 class TTFSDevice(abc.ABC):
     """Abstract TTFS chip: program a network, write and verify weights, run batches.
 
@@ -257,6 +275,14 @@ class TTFSDevice(abc.ABC):
         stored themselves (CRC or read-back inside the driver) and raise
         :class:`WriteVerifyError` on a mismatch; callers may then skip their own read-back."""
         return False
+
+    @property
+    def mapping_defaults(self) -> MappingDefaults:
+        """Hints for mapping a network onto this device (float weights, window and weight-clip
+        percentiles), read by :func:`hwloop.mapping.mapping_hints`. A chip behind a link knows
+        none of them: the default is ``MappingDefaults()`` (quantised weights, no percentile
+        suggested); a backend that knows better (the emulator, from its profile) overrides this."""
+        return MappingDefaults()
 
     def seed_noise(self, seed: int) -> None:
         """Reseed the random jitter, where the backend can (the emulator); a physical chip's

@@ -54,8 +54,8 @@ from typing import Optional, Union
 
 import torch
 
-from hwloop.devices.base import (NEURON_KINDS, WEIGHT_KINDS, DeviceInfo, DeviceRecord, NetworkSpec,
-                                 TTFSDevice, check_codes, check_fits)
+from hwloop.devices.base import (NEURON_KINDS, WEIGHT_KINDS, DeviceInfo, DeviceRecord,
+                                 MappingDefaults, NetworkSpec, TTFSDevice, check_codes, check_fits)
 from hwloop.emulator import physics
 from hwloop.emulator.profile import DeviceProfile, load_profile
 from hwloop.errors import DataError, DeviceError, DeviceLimitError
@@ -147,6 +147,13 @@ class EmulatorDevice(TTFSDevice):
         profile override under the same device id is caught)."""
         doc = {"profile": self.profile.model_dump(mode="json"), "chip_seed": self.chip_seed}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+    @property
+    def mapping_defaults(self) -> MappingDefaults:
+        """The profile's mapping hints: float weights, window and weight-clip percentiles."""
+        return MappingDefaults(float_weights=self.float_weights,
+                               window_percentile=self.profile.window_percentile,
+                               weight_clip_percentile=self.profile.weight_clip_percentile)
 
     def info(self) -> DeviceInfo:
         self._check_open()

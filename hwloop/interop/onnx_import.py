@@ -228,107 +228,134 @@ class _Importer:
         self.acts[out] = self._emit(op, ins, a, where)
 
     def _emit(self, op: str, ins: list, a: dict, where: str):
+        handler = _EMITTERS.get(op)
+        if handler is None and op in _UNARY:
+            return self.function(_UNARY[op], (self.acts[ins[0]],))
+        if handler is None:
+            raise ConversionError(f"{where}: the ONNX operator {op} has no hwloop equivalent (supported: "
+                                  "Conv, Gemm, MatMul, Relu, MaxPool, AveragePool, GlobalAveragePool, "
+                                  "BatchNormalization, Flatten, Reshape, Squeeze, Unsqueeze, ReduceMean, "
+                                  "Dropout, Identity, Clip(min=0), Add/Sub/Mul/Div with a constant)")
         x = ins[0]
         xv = self.acts[x].value if x in self.acts else None
-        if op == "Conv":
-            w = torch.from_numpy(self.consts[ins[1]].copy())
-            if w.ndim != 4:
-                raise ConversionError(f"{where}: only 2-d convolutions are supported")
-            k, g = tuple(w.shape[2:]), int(a.get("group", 1))
-            st, dil = tuple(a.get("strides", (1, 1))), tuple(a.get("dilations", (1, 1)))
-            pad = self._auto_pad(a, xv, k, st, dil, where)
-            m = nn.Conv2d(w.shape[1] * g, w.shape[0], k, st, pad, dil, g, bias=len(ins) > 2 and bool(ins[2]),
-                          dtype=w.dtype)
-            with torch.no_grad():
-                m.weight.copy_(w)
-                if m.bias is not None:
-                    m.bias.copy_(torch.from_numpy(self.consts[ins[2]].copy()))
-            return self.module(m, x, "conv")
-        if op in ("Gemm", "MatMul"):
-            if ins[1] not in self.consts or xv.ndim != 2 or a.get("transA", 0):
-                raise ConversionError(f"{where}: only activation x constant weight products on "
-                                      "(batch, features) are supported")
-            b = self.consts[ins[1]]
-            w = (b if a.get("transB", 0) else b.T) * float(a.get("alpha", 1.0))
-            bias = None
-            if op == "Gemm" and len(ins) > 2 and ins[2]:
-                bias = np.array(np.broadcast_to(self.consts[ins[2]] * float(a.get("beta", 1.0)),
-                                                (w.shape[0],)))
-            m = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=torch.from_numpy(w.copy()).dtype)
-            with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(np.array(w)))
-                if bias is not None:
-                    m.bias.copy_(torch.from_numpy(bias))
-            return self.module(m, x, "linear")
-        if op in ("MaxPool", "AveragePool"):
-            k = tuple(a["kernel_shape"])
-            st = tuple(a.get("strides", (1,) * len(k)))
-            dil = tuple(a.get("dilations", (1,) * len(k)))
-            pad = self._auto_pad(a, xv, k, st, dil, where)
-            if op == "MaxPool":
-                m = nn.MaxPool2d(k, st, pad, dil, ceil_mode=bool(a.get("ceil_mode", 0)))
-            else:
-                if dil != (1, 1):
-                    raise ConversionError(f"{where}: dilated average pooling is not supported")
-                m = nn.AvgPool2d(k, st, pad, bool(a.get("ceil_mode", 0)), bool(a.get("count_include_pad", 0)))
-            return self.module(m, x, op)
-        if op in ("GlobalAveragePool", "GlobalMaxPool"):
-            m = nn.AdaptiveAvgPool2d(1) if op == "GlobalAveragePool" else nn.AdaptiveMaxPool2d(1)
-            return self.module(m, x, op)
-        if op == "BatchNormalization":
-            scale = torch.from_numpy(np.array(self.consts[ins[1]]))
-            m = (nn.BatchNorm2d if xv.ndim == 4 else nn.BatchNorm1d)(
-                scale.shape[0], eps=float(a.get("epsilon", 1e-5)), dtype=scale.dtype)
-            with torch.no_grad():
-                for attr, n in zip(("weight", "bias", "running_mean", "running_var"), ins[1:5]):
-                    getattr(m, attr).copy_(torch.from_numpy(np.array(self.consts[n])))
-            return self.module(m, x, "batchnorm")
-        if op == "Flatten":
-            axis = int(a.get("axis", 1)) % xv.ndim
-            if axis == 1:
-                return self.function(torch.flatten, (self.acts[x], 1))
-            lead = int(math.prod(xv.shape[:axis]))
-            return self.function(torch.reshape, (self.acts[x], (lead, -1)))
-        if op == "Reshape":
-            return self.function(torch.reshape, (self.acts[x], self._reshape_target(xv, ins[1], a)))
-        if op in ("Squeeze", "Unsqueeze"):
-            axes = a.get("axes")
-            if axes is None and len(ins) > 1 and ins[1]:
-                axes = self.consts[ins[1]].tolist()
-            axes = [int(v) for v in (axes or [])]
-            if op == "Squeeze":
-                return self.function(torch.squeeze, (self.acts[x], tuple(axes)) if axes else (self.acts[x],))
-            cur = self.acts[x]
-            for ax in sorted(v % (xv.ndim + len(axes)) for v in axes):
-                cur = self.function(torch.unsqueeze, (cur, ax))
-            return cur
-        if op == "ReduceMean":
-            axes = a.get("axes")
-            if axes is None and len(ins) > 1 and ins[1]:
-                axes = self.consts[ins[1]].tolist()
-            dims = tuple(int(v) for v in axes) if axes else tuple(range(xv.ndim))
-            return self.function(torch.mean, (self.acts[x], dims), {"keepdim": bool(a.get("keepdims", 1))})
-        if op == "Clip":
-            lo = a.get("min", self._scalar(ins, 1))
-            hi = a.get("max", self._scalar(ins, 2))
-            return self.function(torch.clamp, (self.acts[x],), {"min": lo, "max": hi})
-        if op in _UNARY:
-            return self.function(_UNARY[op], (self.acts[x],))
-        if op == "LeakyRelu":
-            return self.function(F.leaky_relu, (self.acts[x], float(a.get("alpha", 0.01))))
-        if op in ("Softmax", "LogSoftmax"):
-            fn = torch.softmax if op == "Softmax" else torch.log_softmax
-            return self.function(fn, (self.acts[x], int(a.get("axis", -1))))
-        if op in _BINARY:
-            return self.function(_BINARY[op], (self.arg(ins[0]), self.arg(ins[1])))
-        if op == "Concat":
-            return self.function(torch.cat, tuple(self.arg(n) for n in ins), {"dim": int(a.get("axis", 0))})
-        if op == "Transpose":
-            return self.function(torch.permute, (self.acts[x], tuple(a.get("perm", ()))))
-        raise ConversionError(f"{where}: the ONNX operator {op} has no hwloop equivalent (supported: "
-                              "Conv, Gemm, MatMul, Relu, MaxPool, AveragePool, GlobalAveragePool, "
-                              "BatchNormalization, Flatten, Reshape, Squeeze, Unsqueeze, ReduceMean, "
-                              "Dropout, Identity, Clip(min=0), Add/Sub/Mul/Div with a constant)")
+        return handler(self, _Node(op, ins, a, where, x, xv))
+
+    # one emitter per ONNX operator (see _EMITTERS); ``n.x`` is the activation's name, ``n.xv``
+    # its dummy value
+    def _e_conv(self, n: "_Node") -> _V:
+        ins, a, where = n.ins, n.a, n.where
+        w = torch.from_numpy(self.consts[ins[1]].copy())
+        if w.ndim != 4:
+            raise ConversionError(f"{where}: only 2-d convolutions are supported")
+        k, g = tuple(w.shape[2:]), int(a.get("group", 1))
+        st, dil = tuple(a.get("strides", (1, 1))), tuple(a.get("dilations", (1, 1)))
+        pad = self._auto_pad(a, n.xv, k, st, dil, where)
+        m = nn.Conv2d(w.shape[1] * g, w.shape[0], k, st, pad, dil, g, bias=len(ins) > 2 and bool(ins[2]),
+                      dtype=w.dtype)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if m.bias is not None:
+                m.bias.copy_(torch.from_numpy(self.consts[ins[2]].copy()))
+        return self.module(m, n.x, "conv")
+
+    def _e_gemm(self, n: "_Node") -> _V:
+        op, ins, a = n.op, n.ins, n.a
+        if ins[1] not in self.consts or n.xv.ndim != 2 or a.get("transA", 0):
+            raise ConversionError(f"{n.where}: only activation x constant weight products on "
+                                  "(batch, features) are supported")
+        b = self.consts[ins[1]]
+        w = (b if a.get("transB", 0) else b.T) * float(a.get("alpha", 1.0))
+        bias = None
+        if op == "Gemm" and len(ins) > 2 and ins[2]:
+            bias = np.array(np.broadcast_to(self.consts[ins[2]] * float(a.get("beta", 1.0)),
+                                            (w.shape[0],)))
+        m = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=torch.from_numpy(w.copy()).dtype)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(np.array(w)))
+            if bias is not None:
+                m.bias.copy_(torch.from_numpy(bias))
+        return self.module(m, n.x, "linear")
+
+    def _e_pool(self, n: "_Node") -> _V:
+        op, a, where = n.op, n.a, n.where
+        k = tuple(a["kernel_shape"])
+        st = tuple(a.get("strides", (1,) * len(k)))
+        dil = tuple(a.get("dilations", (1,) * len(k)))
+        pad = self._auto_pad(a, n.xv, k, st, dil, where)
+        if op == "MaxPool":
+            m = nn.MaxPool2d(k, st, pad, dil, ceil_mode=bool(a.get("ceil_mode", 0)))
+        else:
+            if dil != (1, 1):
+                raise ConversionError(f"{where}: dilated average pooling is not supported")
+            m = nn.AvgPool2d(k, st, pad, bool(a.get("ceil_mode", 0)), bool(a.get("count_include_pad", 0)))
+        return self.module(m, n.x, op)
+
+    def _e_global_pool(self, n: "_Node") -> _V:
+        m = nn.AdaptiveAvgPool2d(1) if n.op == "GlobalAveragePool" else nn.AdaptiveMaxPool2d(1)
+        return self.module(m, n.x, n.op)
+
+    def _e_batch_norm(self, n: "_Node") -> _V:
+        ins = n.ins
+        scale = torch.from_numpy(np.array(self.consts[ins[1]]))
+        m = (nn.BatchNorm2d if n.xv.ndim == 4 else nn.BatchNorm1d)(
+            scale.shape[0], eps=float(n.a.get("epsilon", 1e-5)), dtype=scale.dtype)
+        with torch.no_grad():
+            for attr, c in zip(("weight", "bias", "running_mean", "running_var"), ins[1:5]):
+                getattr(m, attr).copy_(torch.from_numpy(np.array(self.consts[c])))
+        return self.module(m, n.x, "batchnorm")
+
+    def _e_flatten(self, n: "_Node") -> _V:
+        xv = n.xv
+        axis = int(n.a.get("axis", 1)) % xv.ndim
+        if axis == 1:
+            return self.function(torch.flatten, (self.acts[n.x], 1))
+        lead = int(math.prod(xv.shape[:axis]))
+        return self.function(torch.reshape, (self.acts[n.x], (lead, -1)))
+
+    def _e_reshape(self, n: "_Node") -> _V:
+        return self.function(torch.reshape, (self.acts[n.x], self._reshape_target(n.xv, n.ins[1], n.a)))
+
+    def _axes(self, n: "_Node"):
+        """The axes attribute, or (opset >= 13) the constant second input."""
+        axes = n.a.get("axes")
+        if axes is None and len(n.ins) > 1 and n.ins[1]:
+            axes = self.consts[n.ins[1]].tolist()
+        return axes
+
+    def _e_squeeze(self, n: "_Node") -> _V:
+        axes = [int(v) for v in (self._axes(n) or [])]
+        if n.op == "Squeeze":
+            return self.function(torch.squeeze, (self.acts[n.x], tuple(axes)) if axes else (self.acts[n.x],))
+        cur = self.acts[n.x]
+        for ax in sorted(v % (n.xv.ndim + len(axes)) for v in axes):
+            cur = self.function(torch.unsqueeze, (cur, ax))
+        return cur
+
+    def _e_reduce_mean(self, n: "_Node") -> _V:
+        axes = self._axes(n)
+        dims = tuple(int(v) for v in axes) if axes else tuple(range(n.xv.ndim))
+        return self.function(torch.mean, (self.acts[n.x], dims), {"keepdim": bool(n.a.get("keepdims", 1))})
+
+    def _e_clip(self, n: "_Node") -> _V:
+        lo = n.a.get("min", self._scalar(n.ins, 1))
+        hi = n.a.get("max", self._scalar(n.ins, 2))
+        return self.function(torch.clamp, (self.acts[n.x],), {"min": lo, "max": hi})
+
+    def _e_leaky_relu(self, n: "_Node") -> _V:
+        return self.function(F.leaky_relu, (self.acts[n.x], float(n.a.get("alpha", 0.01))))
+
+    def _e_softmax(self, n: "_Node") -> _V:
+        fn = torch.softmax if n.op == "Softmax" else torch.log_softmax
+        return self.function(fn, (self.acts[n.x], int(n.a.get("axis", -1))))
+
+    def _e_binary(self, n: "_Node") -> _V:
+        return self.function(_BINARY[n.op], (self.arg(n.ins[0]), self.arg(n.ins[1])))
+
+    def _e_concat(self, n: "_Node") -> _V:
+        return self.function(torch.cat, tuple(self.arg(c) for c in n.ins), {"dim": int(n.a.get("axis", 0))})
+
+    def _e_transpose(self, n: "_Node") -> _V:
+        return self.function(torch.permute, (self.acts[n.x], tuple(n.a.get("perm", ()))))
 
     def _signed_pool(self, x: str, pool, sign: np.ndarray, where: str) -> _V:
 
@@ -369,3 +396,30 @@ class _Importer:
         if y.shape[0] == xv.shape[0] and target and target[0] in (-1, xv.shape[0]):
             return (-1,) + tuple(y.shape[1:])  # the batch stays free
         return tuple(target)
+
+
+class _Node:
+    """One ONNX node as :meth:`_Importer._emit` hands it to an emitter."""
+
+    def __init__(self, op: str, ins: list, a: dict, where: str, x: str, xv):
+        self.op, self.ins, self.a, self.where, self.x, self.xv = op, ins, a, where, x, xv
+
+
+#: ONNX operator -> emitter (the operators of ``_UNARY`` map to their torch function directly).
+_EMITTERS = {
+    "Conv": _Importer._e_conv,
+    **dict.fromkeys(("Gemm", "MatMul"), _Importer._e_gemm),
+    **dict.fromkeys(("MaxPool", "AveragePool"), _Importer._e_pool),
+    **dict.fromkeys(("GlobalAveragePool", "GlobalMaxPool"), _Importer._e_global_pool),
+    "BatchNormalization": _Importer._e_batch_norm,
+    "Flatten": _Importer._e_flatten,
+    "Reshape": _Importer._e_reshape,
+    **dict.fromkeys(("Squeeze", "Unsqueeze"), _Importer._e_squeeze),
+    "ReduceMean": _Importer._e_reduce_mean,
+    "Clip": _Importer._e_clip,
+    "LeakyRelu": _Importer._e_leaky_relu,
+    **dict.fromkeys(("Softmax", "LogSoftmax"), _Importer._e_softmax),
+    **dict.fromkeys(_BINARY, _Importer._e_binary),
+    "Concat": _Importer._e_concat,
+    "Transpose": _Importer._e_transpose,
+}

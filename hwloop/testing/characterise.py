@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -55,13 +56,27 @@ def _stats(t: torch.Tensor) -> dict:
             "fired": n_f.to(F64) / t.shape[0]}
 
 
-def characterise(device: TTFSDevice, out_dir, *, neurons: int = 8, repetitions: int = 32,
-                 plots: bool = True) -> dict:
-    """Measure the bring-up diagnostics; write ``characterisation.json`` (and PNG plots) into
-    ``out_dir``. Returns the report (a dict). The device is left programmed with the probe
-    network (not closed)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class _Probe:
+    """The programmed probe network and the weight codes the sweeps use."""
+
+    info: Any
+    spec: Any
+    n: int
+    t_min: float
+    t_max: float
+    theta: float
+    hi: int
+    scale: float
+    codes: list[int]
+
+    @property
+    def width(self) -> float:
+        return self.t_max - self.t_min
+
+
+def _program_probe(device: TTFSDevice, neurons: int) -> _Probe:
+    """Program the single-synapse probe network, thresholds at half the window."""
     info = device.info()
     spec = probe_spec(info, neurons=neurons)
     n = spec.layers[0].n_neurons
@@ -76,38 +91,55 @@ def characterise(device: TTFSDevice, out_dir, *, neurons: int = 8, repetitions: 
     scale = max(width - theta, theta) / hi
     codes = list(range(lo, hi + 1)) if hi - lo <= 64 else \
         sorted({int(round(v)) for v in torch.linspace(lo, hi, 65, dtype=F64).tolist()})
+    return _Probe(info=info, spec=spec, n=n, t_min=t_min, t_max=t_max, theta=theta, hi=hi, scale=scale,
+                  codes=codes)
+
+
+def _weight_sweep(device: TTFSDevice, probe: _Probe, repetitions: int):
+    """Transfer vs weight: (weights, mean, std, fired fraction, raw times); (n, points) each."""
+    n = probe.n
     x0 = torch.zeros((repetitions, 1), dtype=F64)  # the input at t_max0 - 1 = 0
     w_mean, w_std, w_fired, w_raw = [], [], [], []
-    for k in codes:
-        device.write_weights(0, torch.full((n, 1), k, dtype=torch.int64), scale)
+    for k in probe.codes:
+        device.write_weights(0, torch.full((n, 1), k, dtype=torch.int64), probe.scale)
         t = _measure(device, x0)
         s = _stats(t)
         w_mean.append(s["mean"]), w_std.append(s["std"]), w_fired.append(s["fired"])
         w_raw.append(t)
     w_mean, w_std, w_fired = (torch.stack(v, 1) for v in (w_mean, w_std, w_fired))  # (n, points)
-    weights = torch.tensor(codes, dtype=F64) * scale
-    # input-time sweep at a fixed weight (V(t_min) = W (t_min - t_in))
-    k_in = max(1, int(round(0.5 * hi)))
-    device.write_weights(0, torch.full((n, 1), k_in, dtype=torch.int64), scale)
+    weights = torch.tensor(probe.codes, dtype=F64) * probe.scale
+    return weights, w_mean, w_std, w_fired, w_raw
+
+
+def _input_sweep(device: TTFSDevice, probe: _Probe, repetitions: int):
+    """Transfer vs input time at a fixed weight (V(t_min) = W (t_min - t_in)):
+    (code, input times, mean, std)."""
+    n, spec = probe.n, probe.spec
+    k_in = max(1, int(round(0.5 * probe.hi)))
+    device.write_weights(0, torch.full((n, 1), k_in, dtype=torch.int64), probe.scale)
     t_ins = torch.linspace(spec.t_max0 - 1.0, spec.t_max0, 17, dtype=F64)[:-1]
     i_mean, i_std = [], []
     for ti in t_ins.tolist():
         t = _measure(device, torch.full((repetitions, 1), ti, dtype=F64))
         s = _stats(t)
         i_mean.append(s["mean"]), i_std.append(s["std"])
-    i_mean, i_std = torch.stack(i_mean, 1), torch.stack(i_std, 1)
+    return k_in, t_ins, torch.stack(i_mean, 1), torch.stack(i_std, 1)
 
-    # resolution: smallest step between distinct measured times
+
+def _resolution(w_raw: list[torch.Tensor]) -> float:
+    """The smallest step between distinct measured times."""
     alltimes = torch.cat([t[torch.isfinite(t)] for t in w_raw])
     uniq = torch.unique(alltimes)
     steps = torch.diff(uniq)
     steps = steps[steps > 1e-12]
-    resolution = float(steps.min()) if steps.numel() else math.nan
-    expected_res = width / info.time_steps_per_layer if info.time_steps_per_layer else None
+    return float(steps.min()) if steps.numel() else math.nan
 
-    # linearity per neuron over the points where all repetitions fired, above t_min
+
+def _linearity(weights: torch.Tensor, w_mean: torch.Tensor, w_fired: torch.Tensor, t_min: float,
+               resolution: float) -> list[dict]:
+    """Line fit per neuron over the points where all repetitions fired, above t_min."""
     lin = []
-    for i in range(n):
+    for i in range(w_mean.shape[0]):
         ok = (w_fired[i] == 1.0) & (w_mean[i] > t_min + 1e-9)
         if int(ok.sum()) < 3:
             lin.append({"neuron": i, "points": int(ok.sum())})
@@ -123,24 +155,52 @@ def characterise(device: TTFSDevice, out_dir, *, neurons: int = 8, repetitions: 
         lin.append({"neuron": i, "points": int(ok.sum()), "slope": slope, "intercept": icpt,
                     "r2": r2, "inl_tau_c": inl,
                     "inl_steps": inl / resolution if resolution == resolution and resolution > 0 else None})
+    return lin
 
-    # jitter by repetition
+
+def _jitter(w_std: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Jitter by repetition: its summary and the finite stds it is taken over."""
     js = w_std[torch.isfinite(w_std)]
     jitter = {"median": float(js.median()) if js.numel() else 0.0,
               "mean": float(js.mean()) if js.numel() else 0.0,
               "max": float(js.max()) if js.numel() else 0.0,
               "per_neuron_median": [float(v[torch.isfinite(v)].median()) if bool(torch.isfinite(v).any())
                                     else None for v in w_std]}
+    return jitter, js
+
+
+def _dead_and_stuck(w_mean: torch.Tensor, w_fired: torch.Tensor, n_codes: int) -> tuple[list[int], list[int]]:
+    """Neurons that never fire over the weight sweep, and those that fire at one fixed time."""
+    n = w_mean.shape[0]
     dead = [i for i in range(n) if float(w_fired[i].max()) == 0.0]
     stuck = []
     for i in range(n):
         m = w_mean[i][torch.isfinite(w_mean[i])]
-        if i not in dead and m.numel() >= 2 and float(m.max() - m.min()) == 0.0 and len(codes) > 2:
+        if i not in dead and m.numel() >= 2 and float(m.max() - m.min()) == 0.0 and n_codes > 2:
             stuck.append(i)
+    return dead, stuck
+
+
+def characterise(device: TTFSDevice, out_dir, *, neurons: int = 8, repetitions: int = 32,
+                 plots: bool = True) -> dict:
+    """Measure the bring-up diagnostics; write ``characterisation.json`` (and PNG plots) into
+    ``out_dir``. Returns the report (a dict). The device is left programmed with the probe
+    network (not closed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = _program_probe(device, neurons)
+    info, t_min, t_max = probe.info, probe.t_min, probe.t_max
+    weights, w_mean, w_std, w_fired, w_raw = _weight_sweep(device, probe, repetitions)
+    k_in, t_ins, i_mean, i_std = _input_sweep(device, probe, repetitions)
+    resolution = _resolution(w_raw)
+    expected_res = probe.width / info.time_steps_per_layer if info.time_steps_per_layer else None
+    lin = _linearity(weights, w_mean, w_fired, t_min, resolution)
+    jitter, js = _jitter(w_std)
+    dead, stuck = _dead_and_stuck(w_mean, w_fired, len(probe.codes))
 
     report = {
-        "device_id": info.device_id, "neurons": n, "repetitions": repetitions,
-        "window": [t_min, t_max], "threshold": theta, "weight_scale": scale, "codes": codes,
+        "device_id": info.device_id, "neurons": probe.n, "repetitions": repetitions,
+        "window": [t_min, t_max], "threshold": probe.theta, "weight_scale": probe.scale, "codes": probe.codes,
         "transfer_weight": {"weights": weights.tolist(), "mean": _nan_list(w_mean),
                             "std": _nan_list(w_std), "fired_fraction": w_fired.tolist()},
         "transfer_input": {"code": k_in, "input_times": t_ins.tolist(), "mean": _nan_list(i_mean),
@@ -172,7 +232,7 @@ def _nan_list(t: torch.Tensor):
 
 
 def _plots(out: Path, rep: dict, weights, w_mean, w_std, t_ins, i_mean, js) -> dict:
-    import matplotlib
+    import matplotlib  # optional extra (plots), and an import-time cost the report alone does not pay
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

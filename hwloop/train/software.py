@@ -35,6 +35,7 @@ from hwloop.data.datasets import iterate_batches
 from hwloop.errors import CheckpointError, DataError
 from hwloop.train.checkpoint import load_checkpoint, save_checkpoint
 from hwloop.train.progress import interactive
+from hwloop.train.recipe import RECIPES, Recipe, lr_factor, resolve_recipe
 
 __all__ = [
     "RECIPES",
@@ -45,76 +46,6 @@ __all__ = [
     "random_shift",
     "train",
 ]
-
-SCHEDULES = ("cosine", "exponential", "constant", "onecycle")
-OPTIMIZERS = ("adam", "adamw")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Optimiser and schedule of a training run (all JSON-serialisable)."""
-
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    batch_size: int = 128
-    epochs: int = 30
-    schedule: str = "cosine"
-    warmup_fraction: float = 0.0  # cosine/onecycle: fraction of steps with a linear warm-up
-    decay_rate: float = 0.9  # exponential: lr *= decay_rate every decay_steps steps
-    decay_steps: int = 5000
-    label_smoothing: float = 0.1
-    shift: int = 0  # random translation by up to this many pixels (images only)
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise DataError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise DataError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not (self.lr > 0 and self.batch_size >= 1 and self.epochs >= 0):
-            raise DataError(
-                f"need lr > 0, batch_size >= 1, epochs >= 0 (got {self.lr}, "
-                f"{self.batch_size}, {self.epochs})"
-            )
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise DataError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.shift < 0 or self.weight_decay < 0 or not 0.0 <= self.warmup_fraction < 1.0:
-            raise DataError("shift and weight_decay must be >= 0, warmup_fraction in [0, 1)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-RECIPES: dict[str, Recipe] = {
-    "default": Recipe(),
-    "reference": Recipe(
-        optimizer="adam",
-        lr=5e-4,
-        weight_decay=0.0,
-        batch_size=8,
-        epochs=10,
-        schedule="exponential",
-        decay_rate=0.9,
-        decay_steps=5000,
-        label_smoothing=0.0,
-    ),
-}
-
-
-def lr_factor(recipe: Recipe, step: int, total_steps: int) -> float:
-    """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
-    if recipe.schedule == "constant":
-        return 1.0
-    if recipe.schedule == "exponential":
-        return recipe.decay_rate ** (step / recipe.decay_steps)
-    total = max(1, total_steps)
-    warm = int(recipe.warmup_fraction * total)
-    if recipe.schedule == "onecycle" and warm == 0:
-        warm = max(1, int(0.3 * total))
-    if step < warm:
-        return (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, total - warm))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -216,17 +147,6 @@ def prediction_agreement(a: nn.Module, b: nn.Module, x: torch.Tensor, batch_size
     return same / max(n, 1)
 
 
-def _resolve_recipe(recipe: Recipe | str | None, overrides: dict[str, Any]) -> Recipe:
-    if recipe is None:
-        recipe = "default"
-    if isinstance(recipe, str):
-        if recipe not in RECIPES:
-            raise DataError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
-        recipe = RECIPES[recipe]
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(recipe, **changes) if changes else recipe
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -235,6 +155,225 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _interactive() -> bool:
     return interactive()
+
+
+@dataclass
+class _Run:
+    """The state of one :func:`train` call, shared by its steps."""
+
+    model: nn.Module
+    rec: Recipe
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    ttfs: bool
+    adapt: bool
+    dtype: torch.dtype
+    out: Path | None
+    ckpt_path: Path | None
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    steps_per_epoch: int
+    total_steps: int
+    progress: bool
+    tqdm: Any = None
+    step: int = 0
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    elapsed_before: float = 0.0
+    t0: float = 0.0
+
+    def wall_time(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+
+def _setup(model: nn.Module, train_set: tuple[torch.Tensor, torch.Tensor], rec: Recipe, seed: int,
+           out_dir: str | os.PathLike | None, progress: bool, adapt_windows: bool | None,
+           resume: bool) -> _Run:
+    """Check the data, build the optimiser and the generator, resume from the checkpoint."""
+    x_train, y_train = train_set
+    if x_train.shape[0] != y_train.shape[0] or x_train.shape[0] == 0:
+        raise DataError(
+            f"training set needs as many labels as images and at least one sample "
+            f"(got {x_train.shape[0]} images, {y_train.shape[0]} labels)"
+        )
+    ttfs = _is_ttfs(model)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    opt_cls = torch.optim.AdamW if rec.optimizer == "adamw" else torch.optim.Adam
+    steps_per_epoch = math.ceil(x_train.shape[0] / rec.batch_size)
+    run = _Run(
+        model=model, rec=rec, x_train=x_train, y_train=y_train, ttfs=ttfs,
+        adapt=ttfs if adapt_windows is None else bool(adapt_windows and ttfs),
+        dtype=_model_dtype(model), out=out, ckpt_path=out / "checkpoint.pt" if out is not None else None,
+        optimizer=opt_cls(model.parameters(), lr=rec.lr, weight_decay=rec.weight_decay),
+        generator=torch.Generator().manual_seed(int(seed)), steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * rec.epochs, progress=progress,
+    )
+    ckpt = run.ckpt_path
+    if resume and ckpt is not None and (ckpt.exists() or Path(str(ckpt) + ".prev").exists()):
+        _resume(run)
+    try:
+        from tqdm.auto import tqdm  # optional: tqdm.auto may pull in ipywidgets; absent = no bar
+        run.tqdm = tqdm
+    except ImportError:  # pragma: no cover
+        run.progress = False
+    return run
+
+
+def _resume(run: _Run) -> None:
+    """Restore model, optimiser, generator, step and history from ``run.ckpt_path``."""
+    state = load_checkpoint(run.ckpt_path, fallback=True)
+    if state.get("recipe") != run.rec.to_dict():
+        raise CheckpointError(
+            f"{run.ckpt_path} was written with recipe {state.get('recipe')}, not {run.rec.to_dict()}"
+        )
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.generator.set_state(state["generator"])  # windows are buffers: restored with the model
+    run.step, run.start_epoch = int(state["step"]), int(state["epoch"]) + 1
+    run.history = list(state.get("history", []))
+    run.elapsed_before = float(state.get("wall_time_s", 0.0))
+
+
+def _train_step(run: _Run, xb: torch.Tensor, yb: torch.Tensor, epoch: int) -> tuple[float, torch.Tensor, bool]:
+    """One optimiser step on a batch: (loss, logits, whether the windows grew)."""
+    rec, model, optimizer = run.rec, run.model, run.optimizer
+    if rec.shift:
+        xb = random_shift(xb, rec.shift, run.generator)
+    xb = xb.to(run.dtype)
+    factor = lr_factor(rec, run.step, run.total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = rec.lr * factor
+    if run.adapt:
+        stages, logits = model.run(model.encode(xb))
+    else:
+        logits = model(xb)
+    loss = F.cross_entropy(logits, yb, label_smoothing=rec.label_smoothing)
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        raise DataError(f"training diverged: loss {loss_value} at step {run.step} (epoch {epoch})")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    grew = bool(model.adapt_windows([s.detach() for s in stages])) if run.adapt else False
+    run.step += 1
+    return loss_value, logits, grew
+
+
+def _run_epoch(run: _Run, epoch: int, max_steps: int | None) -> tuple[dict[str, Any], bool]:
+    """One pass over the shuffled training set: (the epoch's record, whether max_steps stopped it)."""
+    rec = run.rec
+    run.model.train()
+    loss_sum, correct, seen, windows_grew = 0.0, 0, 0, 0
+    stopped_early = False
+    batches = iterate_batches(run.x_train, run.y_train, rec.batch_size, shuffle=True, generator=run.generator)
+    bar = None
+    if run.progress and _interactive():  # a live bar on a terminal only; epoch lines always
+        bar = run.tqdm(batches, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{rec.epochs}",
+                       leave=False, dynamic_ncols=True)
+        batches = bar
+    for xb, yb in batches:
+        loss_value, logits, grew = _train_step(run, xb, yb, epoch)
+        windows_grew += grew
+        n = int(yb.shape[0])
+        loss_sum += loss_value * n
+        correct += int((logits.detach().argmax(1) == yb).sum())
+        seen += n
+        if bar is not None and run.step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        if max_steps is not None and run.step >= max_steps:
+            stopped_early = True
+            break
+    if bar is not None:
+        bar.close()
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "step": run.step,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "lr": rec.lr * lr_factor(rec, max(run.step - 1, 0), run.total_steps),
+    }
+    if run.adapt:
+        record["windows_grew_steps"] = windows_grew
+    return record, stopped_early
+
+
+def _evaluate_epoch(run: _Run, record: dict[str, Any], test_set: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Add the test accuracy, loss and (TTFS) spikes per neuron to an epoch's record."""
+    if test_set is None:
+        return
+    ev = evaluate(run.model, *test_set, spikes=run.ttfs)
+    record["test_accuracy"] = ev["accuracy"]
+    record["test_loss"] = ev["loss"]
+    if "spikes_per_neuron" in ev:
+        record["spikes_per_neuron"] = ev["spikes_per_neuron"]
+
+
+def _log_epoch(run: _Run, record: dict[str, Any]) -> None:
+    """The epoch's line on stderr."""
+    msg = (f"epoch {record['epoch'] + 1}/{run.rec.epochs}: train loss {record['train_loss']:.4f} "
+           f"acc {record['train_accuracy']:.4f}")
+    if "test_accuracy" in record:
+        msg += f", test acc {record['test_accuracy']:.4f}"
+    if "spikes_per_neuron" in record:
+        msg += f", spikes/neuron {record['spikes_per_neuron']:.3f}"
+    msg += f", {record['wall_time_s']:.1f} s"
+    run.tqdm.write(msg, file=sys.stderr)
+
+
+def _save_epoch_checkpoint(run: _Run, epoch: int, wall_time_s: float) -> None:
+    """``checkpoint.pt`` after an epoch (atomically, the previous one kept as ``.prev``)."""
+    if run.ckpt_path is None:
+        return
+    model = run.model
+    state = {
+        "model": model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "generator": run.generator.get_state(),
+        "epoch": epoch,
+        "step": run.step,
+        "recipe": run.rec.to_dict(),
+        "history": run.history,
+        "wall_time_s": wall_time_s,
+    }
+    if hasattr(model, "windows"):
+        state["windows"] = [list(w) for w in model.windows()]
+    save_checkpoint(run.ckpt_path, state)
+
+
+def _final_report(run: _Run, seed: int, test_set: tuple[torch.Tensor, torch.Tensor] | None,
+                  last: dict[str, Any], stopped_early: bool,
+                  extra_report: dict[str, Any] | None) -> dict[str, Any]:
+    """The report :func:`train` returns (and writes as ``report.json``); ``last`` is the record
+    of the last epoch this call ran (empty if none)."""
+    model = run.model
+    report: dict[str, Any] = {
+        "model_class": type(model).__name__,
+        "ttfs": run.ttfs,
+        "recipe": run.rec.to_dict(),
+        "seed": int(seed),
+        "epochs_run": len(run.history),
+        "steps": run.step,
+        "n_train": int(run.x_train.shape[0]),
+        "n_test": int(test_set[0].shape[0]) if test_set is not None else 0,
+        "train_loss": last.get("train_loss"),
+        "train_accuracy": last.get("train_accuracy"),
+        "test_accuracy": last.get("test_accuracy"),
+        "test_loss": last.get("test_loss"),
+        "wall_time_s": run.wall_time(),
+        "history": run.history,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "stopped_early": stopped_early,
+    }
+    if run.ttfs:
+        report["spikes_per_neuron"] = last.get("spikes_per_neuron")
+        if hasattr(model, "windows"):
+            report["windows"] = [list(w) for w in model.windows()]
+    if extra_report:
+        report.update(extra_report)
+    return report
 
 
 def train(
@@ -279,7 +418,7 @@ def train(
     Report keys: ``test_accuracy``, ``test_loss``, ``train_loss``, ``train_accuracy``,
     ``spikes_per_neuron`` (TTFS networks), ``wall_time_s``, ``recipe``, ``history``, ...
     """
-    rec = _resolve_recipe(
+    rec = resolve_recipe(
         recipe,
         dict(
             epochs=epochs,
@@ -291,162 +430,24 @@ def train(
             shift=shift,
         ),
     )
-    x_train, y_train = train_set
-    if x_train.shape[0] != y_train.shape[0] or x_train.shape[0] == 0:
-        raise DataError(
-            f"training set needs as many labels as images and at least one sample "
-            f"(got {x_train.shape[0]} images, {y_train.shape[0]} labels)"
-        )
-    ttfs = _is_ttfs(model)
-    adapt = ttfs if adapt_windows is None else bool(adapt_windows and ttfs)
-    dtype = _model_dtype(model)
-    out = Path(out_dir) if out_dir is not None else None
-    ckpt_path = out / "checkpoint.pt" if out is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-
-    opt_cls = torch.optim.AdamW if rec.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=rec.lr, weight_decay=rec.weight_decay)
-    generator = torch.Generator().manual_seed(int(seed))
-    steps_per_epoch = math.ceil(x_train.shape[0] / rec.batch_size)
-    total_steps = steps_per_epoch * rec.epochs
-    step, start_epoch, history = 0, 0, []
-    elapsed_before = 0.0
-
-    if resume and ckpt_path is not None and (ckpt_path.exists() or Path(str(ckpt_path) + ".prev").exists()):
-        state = load_checkpoint(ckpt_path, fallback=True)
-        if state.get("recipe") != rec.to_dict():
-            raise CheckpointError(
-                f"{ckpt_path} was written with recipe {state.get('recipe')}, not {rec.to_dict()}"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])  # windows are buffers: restored with the model
-        step, start_epoch = int(state["step"]), int(state["epoch"]) + 1
-        history = list(state.get("history", []))
-        elapsed_before = float(state.get("wall_time_s", 0.0))
-
-    try:
-        from tqdm.auto import tqdm  # optional: tqdm.auto may pull in ipywidgets; absent = no bar
-    except ImportError:  # pragma: no cover
-        progress = False
-
-    t0 = time.perf_counter()
+    run = _setup(model, train_set, rec, seed, out_dir, progress, adapt_windows, resume)
+    run.t0 = time.perf_counter()
     last: dict[str, Any] = {}
     stopped_early = False
-    for epoch in range(start_epoch, rec.epochs):
-        model.train()
-        loss_sum, correct, seen, windows_grew = 0.0, 0, 0, 0
-        batches = iterate_batches(x_train, y_train, rec.batch_size, shuffle=True, generator=generator)
-        bar = None
-        if progress and _interactive():  # a live bar on a terminal only; epoch lines always
-            bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{rec.epochs}",
-                       leave=False, dynamic_ncols=True)
-            batches = bar
-        for xb, yb in batches:
-            if rec.shift:
-                xb = random_shift(xb, rec.shift, generator)
-            xb = xb.to(dtype)
-            factor = lr_factor(rec, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = rec.lr * factor
-            if adapt:
-                stages, logits = model.run(model.encode(xb))
-            else:
-                logits = model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=rec.label_smoothing)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise DataError(f"training diverged: loss {loss_value} at step {step} (epoch {epoch})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if adapt:
-                windows_grew += bool(model.adapt_windows([s.detach() for s in stages]))
-            step += 1
-            n = int(yb.shape[0])
-            loss_sum += loss_value * n
-            correct += int((logits.detach().argmax(1) == yb).sum())
-            seen += n
-            if bar is not None and step % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
-            if max_steps is not None and step >= max_steps:
-                stopped_early = True
-                break
-        if bar is not None:
-            bar.close()
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            "lr": rec.lr * lr_factor(rec, max(step - 1, 0), total_steps),
-        }
-        if adapt:
-            record["windows_grew_steps"] = windows_grew
-        if test_set is not None:
-            ev = evaluate(model, *test_set, spikes=ttfs)
-            record["test_accuracy"] = ev["accuracy"]
-            record["test_loss"] = ev["loss"]
-            if "spikes_per_neuron" in ev:
-                record["spikes_per_neuron"] = ev["spikes_per_neuron"]
-        record["wall_time_s"] = elapsed_before + time.perf_counter() - t0
-        history.append(record)
+    for epoch in range(run.start_epoch, rec.epochs):
+        record, stopped_early = _run_epoch(run, epoch, max_steps)
+        _evaluate_epoch(run, record, test_set)
+        record["wall_time_s"] = run.wall_time()
+        run.history.append(record)
         last = record
-        if progress:
-            msg = (f"epoch {epoch + 1}/{rec.epochs}: train loss {record['train_loss']:.4f} "
-                   f"acc {record['train_accuracy']:.4f}")
-            if "test_accuracy" in record:
-                msg += f", test acc {record['test_accuracy']:.4f}"
-            if "spikes_per_neuron" in record:
-                msg += f", spikes/neuron {record['spikes_per_neuron']:.3f}"
-            msg += f", {record['wall_time_s']:.1f} s"
-            tqdm.write(msg, file=sys.stderr)
-        if ckpt_path is not None:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-                "epoch": epoch,
-                "step": step,
-                "recipe": rec.to_dict(),
-                "history": history,
-                "wall_time_s": record["wall_time_s"],
-            }
-            if hasattr(model, "windows"):
-                state["windows"] = [list(w) for w in model.windows()]
-            save_checkpoint(ckpt_path, state)
+        if run.progress:
+            _log_epoch(run, record)
+        _save_epoch_checkpoint(run, epoch, record["wall_time_s"])
         if on_epoch is not None:
             on_epoch(record)
         if stopped_early:
             break
-
-    wall = elapsed_before + time.perf_counter() - t0
-    report: dict[str, Any] = {
-        "model_class": type(model).__name__,
-        "ttfs": ttfs,
-        "recipe": rec.to_dict(),
-        "seed": int(seed),
-        "epochs_run": len(history),
-        "steps": step,
-        "n_train": int(x_train.shape[0]),
-        "n_test": int(test_set[0].shape[0]) if test_set is not None else 0,
-        "train_loss": last.get("train_loss"),
-        "train_accuracy": last.get("train_accuracy"),
-        "test_accuracy": last.get("test_accuracy"),
-        "test_loss": last.get("test_loss"),
-        "wall_time_s": wall,
-        "history": history,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "stopped_early": stopped_early,
-    }
-    if ttfs:
-        report["spikes_per_neuron"] = last.get("spikes_per_neuron")
-        if hasattr(model, "windows"):
-            report["windows"] = [list(w) for w in model.windows()]
-    if extra_report:
-        report.update(extra_report)
-    if out is not None:
-        _write_json(out / "report.json", report)
+    report = _final_report(run, seed, test_set, last, stopped_early, extra_report)
+    if run.out is not None:
+        _write_json(run.out / "report.json", report)
     return report

@@ -66,59 +66,85 @@ def backward_from_spike_times(net: TTFSNetwork, stage_times: list[torch.Tensor],
         x_in = x_in.reshape(x_in.shape[0], *net.shapes[li])
         name = f"layers.{li}"
         if isinstance(layer, Readout):
-            grads[f"{name}.weight"] = grad_logits.T @ x_in
-            grads[f"{name}.bias"] = grad_logits.sum(0)
-            g = grad_logits @ layer.weight.detach().to(dtype)
+            g = _backward_readout(layer, x_in, grad_logits, name, grads)
         elif isinstance(layer, Flatten):
             g = g.reshape(x_in.shape)
         elif isinstance(layer, SpikingMaxPool2d):
-            t_in = stage_times[stage_in[li]].to(dtype)
-            key = -t_in
-            if layer.sign is not None:
-                key = torch.where(layer.sign.view(-1, 1, 1) > 0, -t_in, t_in)
-            # the pool's own geometry (padding, dilation, ceil mode where it has them); the
-            # gradient goes to each window's winner, summed where overlapping windows (stride <
-            # kernel) share one (max_unpool2d would keep only one of them)
-            _, idx = F.max_pool2d(key, layer.kernel_size, layer.stride,
-                                  getattr(layer, "padding", 0), getattr(layer, "dilation", 1),
-                                  getattr(layer, "ceil_mode", False), return_indices=True)
-            b, c, h, w = x_in.shape
-            g = torch.zeros(b, c, h * w, dtype=g.dtype).scatter_add_(
-                2, idx.flatten(2), g.reshape(b, c, -1)).reshape(b, c, h, w)
+            g = _backward_pool(layer, x_in, stage_times[stage_in[li]].to(dtype), g)
         elif isinstance(layer, NeuronLayer):
-            t_out = stage_times[stage_in[li] + 1].to(dtype)
-            if l1:
-                g = g + l1 / t_out.shape[0]
-            mask = torch.isfinite(t_out)  # firing mask M, Eq. (4)
-            W = layer.weight.detach().to(dtype)
-            if layer.clamp_early:
-                # A spike that would come before t_min counts as at t_min (Methods (ii), (iv)):
-                # the clipped ReLU min(a, t_max - t_min) has no gradient where it saturates.
-                # Whether a neuron saturated is decided by its nominal pre-activation, since a
-                # measured time at t_min also carries comparator delay and jitter.
-                with torch.no_grad():
-                    a = layer.potential(x_in.to(layer.weight.dtype)).to(dtype)
-                    a = a + layer.D.detach().to(dtype).view(-1, *([1] * (a.ndim - 2)))
-                mask = mask & (a <= float(layer.t_max - layer.t_min))
-            da = g * mask.to(dtype)
-            if isinstance(layer, SpikingDense):
-                grads[f"{name}.weight"] = da.T @ x_in
-                grads[f"{name}.D"] = da.sum(0)
-                g = da @ W
-            elif isinstance(layer, SpikingConv2d):
-                xs = x_in
-                if layer.in_shift is not None:
-                    xs = x_in + layer.in_shift.detach().to(dtype).view(-1, 1, 1)
-                grads[f"{name}.weight"] = conv2d_weight(xs, W.shape, da, layer.stride, layer.padding)
-                grads[f"{name}.D"] = da.sum((0, 2, 3))
-                g = conv2d_input(xs.shape, W, da, layer.stride, layer.padding)
-                if layer.in_shift is not None:
-                    grads[f"{name}.in_shift"] = g.sum((0, 2, 3))
-            else:  # pragma: no cover
-                raise TypeError(type(layer))
+            g = _backward_neuron(layer, x_in, stage_times[stage_in[li] + 1].to(dtype), g, l1,
+                                 name, grads)
         else:  # pragma: no cover
             raise TypeError(type(layer))
     return grads
+
+
+def _backward_readout(layer: Readout, x_in: torch.Tensor, grad_logits: torch.Tensor, name: str,
+                      grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The linear readout: its weight and bias gradients; returns dL/dx of its input."""
+    grads[f"{name}.weight"] = grad_logits.T @ x_in
+    grads[f"{name}.bias"] = grad_logits.sum(0)
+    return grad_logits @ layer.weight.detach().to(grad_logits.dtype)
+
+
+def _backward_pool(layer: SpikingMaxPool2d, x_in: torch.Tensor, t_in: torch.Tensor,
+                   g: torch.Tensor) -> torch.Tensor:
+    """Max pooling: route the error to each window's earliest spike (latest where sign -1)."""
+    key = -t_in
+    if layer.sign is not None:
+        key = torch.where(layer.sign.view(-1, 1, 1) > 0, -t_in, t_in)
+    # the pool's own geometry (padding, dilation, ceil mode where it has them); the
+    # gradient goes to each window's winner, summed where overlapping windows (stride <
+    # kernel) share one (max_unpool2d would keep only one of them)
+    _, idx = F.max_pool2d(key, layer.kernel_size, layer.stride,
+                          getattr(layer, "padding", 0), getattr(layer, "dilation", 1),
+                          getattr(layer, "ceil_mode", False), return_indices=True)
+    b, c, h, w = x_in.shape
+    return torch.zeros(b, c, h * w, dtype=g.dtype).scatter_add_(
+        2, idx.flatten(2), g.reshape(b, c, -1)).reshape(b, c, h, w)
+
+
+def _firing_mask(layer: NeuronLayer, x_in: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
+    """M of Eq. (4): the neuron fired (and, with ``clamp_early``, did not saturate at t_min)."""
+    dtype = t_out.dtype
+    mask = torch.isfinite(t_out)  # firing mask M, Eq. (4)
+    if layer.clamp_early:
+        # A spike that would come before t_min counts as at t_min (Methods (ii), (iv)):
+        # the clipped ReLU min(a, t_max - t_min) has no gradient where it saturates.
+        # Whether a neuron saturated is decided by its nominal pre-activation, since a
+        # measured time at t_min also carries comparator delay and jitter.
+        with torch.no_grad():
+            a = layer.potential(x_in.to(layer.weight.dtype)).to(dtype)
+            a = a + layer.D.detach().to(dtype).view(-1, *([1] * (a.ndim - 2)))
+        mask = mask & (a <= float(layer.t_max - layer.t_min))
+    return mask
+
+
+def _backward_neuron(layer: NeuronLayer, x_in: torch.Tensor, t_out: torch.Tensor, g: torch.Tensor,
+                     l1: float, name: str, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A neuron layer (Eq. (4)): mask the error by M, then the weight layer's own gradients;
+    returns dL/dx of its input."""
+    dtype = t_out.dtype
+    if l1:
+        g = g + l1 / t_out.shape[0]
+    mask = _firing_mask(layer, x_in, t_out)
+    W = layer.weight.detach().to(dtype)
+    da = g * mask.to(dtype)
+    if isinstance(layer, SpikingDense):
+        grads[f"{name}.weight"] = da.T @ x_in
+        grads[f"{name}.D"] = da.sum(0)
+        return da @ W
+    if isinstance(layer, SpikingConv2d):
+        xs = x_in
+        if layer.in_shift is not None:
+            xs = x_in + layer.in_shift.detach().to(dtype).view(-1, 1, 1)
+        grads[f"{name}.weight"] = conv2d_weight(xs, W.shape, da, layer.stride, layer.padding)
+        grads[f"{name}.D"] = da.sum((0, 2, 3))
+        g = conv2d_input(xs.shape, W, da, layer.stride, layer.padding)
+        if layer.in_shift is not None:
+            grads[f"{name}.in_shift"] = g.sum((0, 2, 3))
+        return g
+    raise TypeError(type(layer))  # pragma: no cover
 
 
 def l1_penalty(net: TTFSNetwork, stage_times: list[torch.Tensor], l1: float) -> torch.Tensor:

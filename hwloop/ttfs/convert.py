@@ -115,116 +115,164 @@ def _close(open_: _Open) -> nn.Module:
     return layer
 
 
-def _build(ops: list[Op], input_shape: tuple) -> list[nn.Module]:
-    shape = input_shape           # per-sample shape of the model's tensor at this point
-    layers: list[nn.Module] = []
-    open_: Optional[_Open] = None
-    pending: list[Op] = []        # linear ops since the last stage, folded into the next layer
-    a_shape = input_shape         # shape of the last stage (where ``pending`` starts)
-    relu_last = flat = False
-    for op in ops:
-        k, where = op.kind, op.where
-        if k in ("linear", "conv2d"):
-            if open_ is not None:
-                raise ConversionError(f"{where}: two weight layers without a ReLU between them are "
-                                      "not supported")
-            w, b = op.p["weight"], op.p["bias"]
-            if k == "linear":
-                if len(shape) != 1 or shape[0] != w.shape[1]:
-                    raise ConversionError(f"{where} expects {w.shape[1]} features, gets shape "
-                                          f"{shape} (add a Flatten)")
-                w, b = fold_into_dense(pending, a_shape, w, b)
-                open_ = _Open("dense", w, b, a_shape)
-            else:
-                if len(shape) != 3 or shape[0] != w.shape[1]:
-                    raise ConversionError(f"{where} expects {w.shape[1]} input channels, gets "
-                                          f"shape {shape}")
-                w, b, st, pd, shift = fold_into_conv(pending, a_shape, w, b, op.p["stride"],
-                                                     op.p["padding"], where)
-                open_ = _Open("conv2d", w, b, a_shape, st, pd, shift)
-            pending, relu_last = [], False
-        elif k == "affine":
-            s, c = op.p["scale"], op.p["shift"]
-            if s.numel() != shape[0]:
-                raise ConversionError(f"{where} has {s.numel()} features, the tensor has "
-                                      f"{shape[0]} channels")
-            if open_ is not None:
-                if open_.pool is not None:
-                    raise ConversionError(f"{where}: batch norm between a max pool and its ReLU "
-                                          "is not supported")
-                open_.w = open_.w * s.view(-1, *([1] * (open_.w.ndim - 1)))
-                open_.b = open_.b * s + c
-            elif not layers:
-                raise ConversionError(f"{where}: batch norm (or constant arithmetic) on the raw "
-                                      "input is not supported (normalise the data instead)")
-            else:
-                pending.append(op)
-        elif k == "relu":
-            if open_ is None:
-                if relu_last and all(p.kind != "affine" for p in pending):
-                    continue  # relu of a non-negative value (relu, pooled relu) is the identity
-                raise ConversionError(f"{where}: a ReLU must follow a Linear or Conv2d "
-                                      "(optionally through BatchNorm / pooling)")
-            layers.append(_close(open_))
-            if open_.pool is not None:
-                layers.append(open_.pool)
-            a_shape = shape
-            open_, relu_last, flat = None, True, False
-        elif k == "maxpool2d":
-            if len(shape) != 3:
-                raise ConversionError(f"{where}: max pooling needs a (C, H, W) feature map")
-            sign = op.p["sign"]
-            if open_ is not None:
-                if open_.kind != "conv2d" or open_.pool is not None or (sign is not None and bool((sign < 0).any())):
-                    raise ConversionError(f"{where}: unsupported pooling before a ReLU")
-                open_.pool = _make_pool(op.p, None)
-            else:
-                if not layers:
-                    raise ConversionError(f"{where}: max pooling of the raw input is not supported")
-                if any(p.kind != "affine" for p in pending):
-                    raise ConversionError(f"{where}: max pooling after an average pool: the average "
-                                          "is not a spiking stage (it is folded into the next weight "
-                                          "layer), so no neuron holds it")
-                sign = torch.ones(shape[0], dtype=torch.int8) if sign is None else sign.clone()
-                for p in pending:
-                    sign = sign * torch.where(p.p["scale"] < 0, -1, 1).to(torch.int8)
-                layers.append(_make_pool(op.p, sign))
-                a_shape, flat = op.out_shape, False
-                if pending:  # the affine now acts on the pooled values (per channel: it commutes)
-                    pending = [Op("affine", p.where, op.out_shape, op.out_shape, p.p) for p in pending]
-        elif k in ("avgpool2d", "adaptive_avgpool"):
-            if len(shape) != 3:
-                raise ConversionError(f"{where}: average pooling needs a (C, H, W) feature map")
-            if open_ is not None:
-                if open_.kind != "conv2d" or open_.pool is not None:
-                    raise ConversionError(f"{where}: average pooling before a ReLU folds only into "
-                                          "a convolution (without a max pool)")
-                open_.w, open_.stride = fold_pool_into_conv(open_.w, open_.b, open_.stride,
-                                                            open_.padding, open_.in_shift,
-                                                            open_.in_shape, op)
-            else:
-                pending.append(op)  # folds into the next weight layer
-        elif k == "reshape":
-            if op.out_shape == shape:
-                continue
-            if len(op.out_shape) != 1:
-                raise ConversionError(f"{where}: reshaping {shape} to {op.out_shape} is not a "
-                                      "flatten; only (B, -1) flattening is supported")
-            if open_ is not None:
-                raise ConversionError(f"{where}: Flatten between a weight layer and its ReLU is "
-                                      "not supported")
-            if len(a_shape) > 1 and not flat:
-                layers.append(Flatten())  # the stage itself is flattened for the dense layer
-                flat = True
-            if pending:
-                pending.append(op)  # folded: the dense weights act on the flattened stage
-            else:
-                a_shape = op.out_shape
-        else:  # pragma: no cover - read_ops only emits the kinds above
-            raise ConversionError(f"{where}: unknown operation {k}")
-        shape = op.out_shape
+class _Walk:
+    """The state of :func:`_build` between operations."""
 
-    if open_ is None or open_.kind != "dense" or open_.pool is not None or pending:
+    def __init__(self, input_shape: tuple):
+        self.shape = input_shape      # per-sample shape of the model's tensor at this point
+        self.layers: list[nn.Module] = []
+        self.open_: Optional[_Open] = None
+        self.pending: list[Op] = []   # linear ops since the last stage, folded into the next layer
+        self.a_shape = input_shape    # shape of the last stage (where ``pending`` starts)
+        self.relu_last = self.flat = False
+
+
+_SKIP = True  # a handler's answer: the op is the identity here, the shape stays
+
+
+def _build(ops: list[Op], input_shape: tuple) -> list[nn.Module]:
+    st = _Walk(input_shape)
+    for op in ops:
+        handler = _HANDLERS.get(op.kind)
+        if handler is None:  # pragma: no cover - read_ops only emits the kinds of _HANDLERS
+            raise ConversionError(f"{op.where}: unknown operation {op.kind}")
+        if handler(st, op) is _SKIP:
+            continue
+        st.shape = op.out_shape
+    return _readout(st, ops)
+
+
+def _on_weight(st: _Walk, op: Op) -> None:
+    """Linear or Conv2d: opens a layer, folding in the pending linear ops."""
+    k, where, shape = op.kind, op.where, st.shape
+    if st.open_ is not None:
+        raise ConversionError(f"{where}: two weight layers without a ReLU between them are "
+                              "not supported")
+    w, b = op.p["weight"], op.p["bias"]
+    if k == "linear":
+        if len(shape) != 1 or shape[0] != w.shape[1]:
+            raise ConversionError(f"{where} expects {w.shape[1]} features, gets shape "
+                                  f"{shape} (add a Flatten)")
+        w, b = fold_into_dense(st.pending, st.a_shape, w, b)
+        st.open_ = _Open("dense", w, b, st.a_shape)
+    else:
+        if len(shape) != 3 or shape[0] != w.shape[1]:
+            raise ConversionError(f"{where} expects {w.shape[1]} input channels, gets "
+                                  f"shape {shape}")
+        w, b, stride, pd, shift = fold_into_conv(st.pending, st.a_shape, w, b, op.p["stride"],
+                                                 op.p["padding"], where)
+        st.open_ = _Open("conv2d", w, b, st.a_shape, stride, pd, shift)
+    st.pending, st.relu_last = [], False
+
+
+def _on_affine(st: _Walk, op: Op) -> None:
+    """Batch norm or constant arithmetic: into the open layer, else pending for the next one."""
+    where, open_ = op.where, st.open_
+    s, c = op.p["scale"], op.p["shift"]
+    if s.numel() != st.shape[0]:
+        raise ConversionError(f"{where} has {s.numel()} features, the tensor has "
+                              f"{st.shape[0]} channels")
+    if open_ is not None:
+        if open_.pool is not None:
+            raise ConversionError(f"{where}: batch norm between a max pool and its ReLU "
+                                  "is not supported")
+        open_.w = open_.w * s.view(-1, *([1] * (open_.w.ndim - 1)))
+        open_.b = open_.b * s + c
+    elif not st.layers:
+        raise ConversionError(f"{where}: batch norm (or constant arithmetic) on the raw "
+                              "input is not supported (normalise the data instead)")
+    else:
+        st.pending.append(op)
+
+
+def _on_relu(st: _Walk, op: Op) -> Optional[bool]:
+    """A ReLU closes the open layer (and its max pool) into a neuron layer."""
+    open_ = st.open_
+    if open_ is None:
+        if st.relu_last and all(p.kind != "affine" for p in st.pending):
+            return _SKIP  # relu of a non-negative value (relu, pooled relu) is the identity
+        raise ConversionError(f"{op.where}: a ReLU must follow a Linear or Conv2d "
+                              "(optionally through BatchNorm / pooling)")
+    st.layers.append(_close(open_))
+    if open_.pool is not None:
+        st.layers.append(open_.pool)
+    st.a_shape = st.shape
+    st.open_, st.relu_last, st.flat = None, True, False
+    return None
+
+
+def _on_maxpool(st: _Walk, op: Op) -> None:
+    """Max pooling: before a ReLU part of the neuron layer, after one a pooling stage."""
+    where, shape, open_ = op.where, st.shape, st.open_
+    if len(shape) != 3:
+        raise ConversionError(f"{where}: max pooling needs a (C, H, W) feature map")
+    sign = op.p["sign"]
+    if open_ is not None:
+        if open_.kind != "conv2d" or open_.pool is not None or (sign is not None and bool((sign < 0).any())):
+            raise ConversionError(f"{where}: unsupported pooling before a ReLU")
+        open_.pool = _make_pool(op.p, None)
+        return
+    if not st.layers:
+        raise ConversionError(f"{where}: max pooling of the raw input is not supported")
+    if any(p.kind != "affine" for p in st.pending):
+        raise ConversionError(f"{where}: max pooling after an average pool: the average "
+                              "is not a spiking stage (it is folded into the next weight "
+                              "layer), so no neuron holds it")
+    sign = torch.ones(shape[0], dtype=torch.int8) if sign is None else sign.clone()
+    for p in st.pending:
+        sign = sign * torch.where(p.p["scale"] < 0, -1, 1).to(torch.int8)
+    st.layers.append(_make_pool(op.p, sign))
+    st.a_shape, st.flat = op.out_shape, False
+    if st.pending:  # the affine now acts on the pooled values (per channel: it commutes)
+        st.pending = [Op("affine", p.where, op.out_shape, op.out_shape, p.p) for p in st.pending]
+
+
+def _on_avgpool(st: _Walk, op: Op) -> None:
+    """Average pooling (plain or adaptive): folded into a weight layer."""
+    where, open_ = op.where, st.open_
+    if len(st.shape) != 3:
+        raise ConversionError(f"{where}: average pooling needs a (C, H, W) feature map")
+    if open_ is not None:
+        if open_.kind != "conv2d" or open_.pool is not None:
+            raise ConversionError(f"{where}: average pooling before a ReLU folds only into "
+                                  "a convolution (without a max pool)")
+        open_.w, open_.stride = fold_pool_into_conv(open_.w, open_.b, open_.stride,
+                                                    open_.padding, open_.in_shift,
+                                                    open_.in_shape, op)
+    else:
+        st.pending.append(op)  # folds into the next weight layer
+
+
+def _on_reshape(st: _Walk, op: Op) -> Optional[bool]:
+    """A (B, -1) flatten: a Flatten stage, folded into the dense weights where ops are pending."""
+    where, shape = op.where, st.shape
+    if op.out_shape == shape:
+        return _SKIP
+    if len(op.out_shape) != 1:
+        raise ConversionError(f"{where}: reshaping {shape} to {op.out_shape} is not a "
+                              "flatten; only (B, -1) flattening is supported")
+    if st.open_ is not None:
+        raise ConversionError(f"{where}: Flatten between a weight layer and its ReLU is "
+                              "not supported")
+    if len(st.a_shape) > 1 and not st.flat:
+        st.layers.append(Flatten())  # the stage itself is flattened for the dense layer
+        st.flat = True
+    if st.pending:
+        st.pending.append(op)  # folded: the dense weights act on the flattened stage
+    else:
+        st.a_shape = op.out_shape
+    return None
+
+
+_HANDLERS = {"linear": _on_weight, "conv2d": _on_weight, "affine": _on_affine, "relu": _on_relu,
+             "maxpool2d": _on_maxpool, "avgpool2d": _on_avgpool, "adaptive_avgpool": _on_avgpool,
+             "reshape": _on_reshape}
+
+
+def _readout(st: _Walk, ops: list[Op]) -> list[nn.Module]:
+    """The open dense layer at the end becomes the readout."""
+    open_ = st.open_
+    if open_ is None or open_.kind != "dense" or open_.pool is not None or st.pending:
         last = ops[-1].where + ": " if ops else ""
         raise ConversionError(f"{last}the model must end with a Linear readout layer (no ReLU "
                               "after it: the readout is non-spiking and gives the logits, which "
@@ -232,8 +280,8 @@ def _build(ops: list[Op], input_shape: tuple) -> list[nn.Module]:
     readout = Readout(open_.w.shape[1], open_.w.shape[0]).double()
     readout.weight.copy_(open_.w)
     readout.bias.copy_(open_.b)
-    layers.append(readout)
-    return layers
+    st.layers.append(readout)
+    return st.layers
 
 
 def _to_alpha1(net: TTFSNetwork, alpha: float) -> None:

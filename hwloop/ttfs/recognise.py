@@ -297,78 +297,153 @@ def recognise(kind: str, name: str, aten: bool, module: Optional[nn.Module], arg
         return _module(module, x, where), False
     n = name if name.startswith("_") else name.rstrip("_")
     shape = tuple(x.shape[1:])
-    if n in ("add", "sub", "mul", "truediv", "div", "rsub", "iadd", "isub", "imul", "itruediv"):
+    if n in _ARITH:
         return [("affine", _arith(n, args, kwargs, shape, where))], False
     if args and args[0] is not ACT:
         raise _why(name, where)
-    if n == "relu":
-        return [("relu", {})], False
-    if n in ("clamp", "clamp_min", "clip"):
-        a = _bind(args, kwargs, ["input", "min", "max"])
-        if n == "clamp_min":
-            a["max"] = None
-        if a.get("min") == 0 and a.get("max") is None:
-            return [("relu", {})], False
+    handler = _FUNCTIONS.get(n)
+    if handler is None:
         raise _why(name, where)
-    if n in _IDENTITY:
-        return [], False
-    if n == "native_dropout":
-        return [], True
-    if n in ("max_pool2d", "max_pool2d_with_indices"):
-        a = _bind(args, kwargs, ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                                 "return_indices"])
-        return [("maxpool2d", _pool_op("maxpool2d", a))], n.endswith("indices") or bool(a.get("return_indices"))
-    if n == "avg_pool2d":
-        a = _bind(args, kwargs, ["input", "kernel_size", "stride", "padding", "ceil_mode",
-                                 "count_include_pad", "divisor_override"])
-        return [("avgpool2d", _pool_op("avgpool2d", a))], False
-    if n in ("adaptive_avg_pool2d", "_adaptive_avg_pool2d"):
-        return [_adaptive(_bind(args, kwargs, ["input", "output_size"])["output_size"], shape, where)], False
-    if n == "adaptive_max_pool2d":
-        a = _bind(args, kwargs, ["input", "output_size", "return_indices"])
-        return [_adaptive(a["output_size"], shape, where, "maxpool2d")], aten or bool(a.get("return_indices"))
-    if n == "linear":
-        a = _bind(args, kwargs, ["input", "weight", "bias"], {"bias": None})
-        w = _f64(_const(a["weight"], "weight", where))
-        b = _const(a["bias"], "bias", where)
-        return [("linear", {"weight": w, "bias": _f64(b) if b is not None
-                            else torch.zeros(w.shape[0], dtype=torch.float64)})], False
-    if n in ("conv2d", "convolution"):
-        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-        if n == "convolution":
-            names = names[:6] + ["transposed", "output_padding", "groups"]
-        a = _bind(args, kwargs, names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1,
-                                        "groups": 1, "transposed": False})
-        w = _const(a["weight"], "weight", where)
-        if a["transposed"] or w.ndim != 4:
-            raise ConversionError(f"{where}: only 2-d (non-transposed) convolutions are supported")
-        return [("conv2d", _conv_op(w, _const(a["bias"], "bias", where), a["stride"], a["padding"],
-                                    a["dilation"], a["groups"], where))], False
-    if n in ("batch_norm", "native_batch_norm", "_native_batch_norm_legit",
-             "_native_batch_norm_legit_no_training"):
-        if aten:
-            names = ["input", "weight", "bias", "running_mean", "running_var"]
-            names += ["momentum", "eps"] if n.endswith("no_training") else ["training", "momentum", "eps"]
-        else:
-            names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
-        a = _bind(args, kwargs, names, {"weight": None, "bias": None, "eps": 1e-5})
-        p = _bn_op(*(_const(a[k], k, where) for k in ("running_mean", "running_var", "weight", "bias")),
-                   a["eps"], where)
-        return [("affine", p)], n != "batch_norm"
-    if n == "mean":
-        a = _bind(args, kwargs, ["input", "dim", "keepdim"], {"dim": None, "keepdim": False})
-        dims = a["dim"] if isinstance(a["dim"], (list, tuple)) else [a["dim"]]
-        if len(shape) == 3 and None not in dims and {int(d) % 4 for d in dims} == {2, 3}:
-            ops = [_adaptive((1, 1), shape, where)]
-            return ops + ([] if a["keepdim"] else [("reshape", {"shape": (shape[0],)})]), False
-        raise ConversionError(f"{where}: a mean over {a['dim']} is not a spatial average of a (C, H, W) map")
-    if n == "flatten":
-        a = _bind(args, kwargs, ["input", "start_dim", "end_dim"], {"start_dim": 0, "end_dim": -1})
-        return [_flatten(x, a["start_dim"], a["end_dim"], where)], False
-    if n in ("view", "reshape", "_unsafe_view"):
-        return [_view(x, list(args[1:]) or list(kwargs.values()), where)], False
-    if n in ("squeeze", "unsqueeze"):
-        rest = tuple(args[1:])
-        y = getattr(torch, n)(x, *rest, **kwargs) if rest or kwargs else getattr(torch, n)(x)
-        return [_reshape(x, tuple(y.shape), where)], False
-    raise _why(name, where)
+    return handler(_Call(n, name, aten, args, kwargs, x, shape, where))
+
+
+_ARITH = ("add", "sub", "mul", "truediv", "div", "rsub", "iadd", "isub", "imul", "itruediv")
+
+
+class _Call:
+    """One function or method node, as the handlers of :data:`_FUNCTIONS` see it."""
+
+    def __init__(self, n, name, aten, args, kwargs, x, shape, where):
+        self.n, self.name, self.aten, self.args, self.kwargs = n, name, aten, args, kwargs
+        self.x, self.shape, self.where = x, shape, where
+
+    def bind(self, names, defaults=None) -> dict:
+        return _bind(self.args, self.kwargs, names, defaults)
+
+
+Found = tuple[Ops, bool]
+
+
+def _f_relu(c: _Call) -> Found:
+    return [("relu", {})], False
+
+
+def _f_clamp(c: _Call) -> Found:
+    a = c.bind(["input", "min", "max"])
+    if c.n == "clamp_min":
+        a["max"] = None
+    if a.get("min") == 0 and a.get("max") is None:
+        return [("relu", {})], False
+    raise _why(c.name, c.where)
+
+
+def _f_identity(c: _Call) -> Found:
+    return [], False
+
+
+def _f_native_dropout(c: _Call) -> Found:
+    return [], True
+
+
+def _f_max_pool(c: _Call) -> Found:
+    a = c.bind(["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                "return_indices"])
+    return [("maxpool2d", _pool_op("maxpool2d", a))], c.n.endswith("indices") or bool(a.get("return_indices"))
+
+
+def _f_avg_pool(c: _Call) -> Found:
+    a = c.bind(["input", "kernel_size", "stride", "padding", "ceil_mode",
+                "count_include_pad", "divisor_override"])
+    return [("avgpool2d", _pool_op("avgpool2d", a))], False
+
+
+def _f_adaptive_avg(c: _Call) -> Found:
+    return [_adaptive(c.bind(["input", "output_size"])["output_size"], c.shape, c.where)], False
+
+
+def _f_adaptive_max(c: _Call) -> Found:
+    a = c.bind(["input", "output_size", "return_indices"])
+    ops = [_adaptive(a["output_size"], c.shape, c.where, "maxpool2d")]
+    return ops, c.aten or bool(a.get("return_indices"))
+
+
+def _f_linear(c: _Call) -> Found:
+    a = c.bind(["input", "weight", "bias"], {"bias": None})
+    w = _f64(_const(a["weight"], "weight", c.where))
+    b = _const(a["bias"], "bias", c.where)
+    return [("linear", {"weight": w, "bias": _f64(b) if b is not None
+                        else torch.zeros(w.shape[0], dtype=torch.float64)})], False
+
+
+def _f_conv(c: _Call) -> Found:
+    where = c.where
+    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    if c.n == "convolution":
+        names = names[:6] + ["transposed", "output_padding", "groups"]
+    a = c.bind(names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1,
+                       "groups": 1, "transposed": False})
+    w = _const(a["weight"], "weight", where)
+    if a["transposed"] or w.ndim != 4:
+        raise ConversionError(f"{where}: only 2-d (non-transposed) convolutions are supported")
+    return [("conv2d", _conv_op(w, _const(a["bias"], "bias", where), a["stride"], a["padding"],
+                                a["dilation"], a["groups"], where))], False
+
+
+def _f_batch_norm(c: _Call) -> Found:
+    n, where = c.n, c.where
+    if c.aten:
+        names = ["input", "weight", "bias", "running_mean", "running_var"]
+        names += ["momentum", "eps"] if n.endswith("no_training") else ["training", "momentum", "eps"]
+    else:
+        names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
+    a = c.bind(names, {"weight": None, "bias": None, "eps": 1e-5})
+    p = _bn_op(*(_const(a[k], k, where) for k in ("running_mean", "running_var", "weight", "bias")),
+               a["eps"], where)
+    return [("affine", p)], n != "batch_norm"
+
+
+def _f_mean(c: _Call) -> Found:
+    shape, where = c.shape, c.where
+    a = c.bind(["input", "dim", "keepdim"], {"dim": None, "keepdim": False})
+    dims = a["dim"] if isinstance(a["dim"], (list, tuple)) else [a["dim"]]
+    if len(shape) == 3 and None not in dims and {int(d) % 4 for d in dims} == {2, 3}:
+        ops = [_adaptive((1, 1), shape, where)]
+        return ops + ([] if a["keepdim"] else [("reshape", {"shape": (shape[0],)})]), False
+    raise ConversionError(f"{where}: a mean over {a['dim']} is not a spatial average of a (C, H, W) map")
+
+
+def _f_flatten(c: _Call) -> Found:
+    a = c.bind(["input", "start_dim", "end_dim"], {"start_dim": 0, "end_dim": -1})
+    return [_flatten(c.x, a["start_dim"], a["end_dim"], c.where)], False
+
+
+def _f_view(c: _Call) -> Found:
+    return [_view(c.x, list(c.args[1:]) or list(c.kwargs.values()), c.where)], False
+
+
+def _f_squeeze(c: _Call) -> Found:
+    n, x, kwargs = c.n, c.x, c.kwargs
+    rest = tuple(c.args[1:])
+    y = getattr(torch, n)(x, *rest, **kwargs) if rest or kwargs else getattr(torch, n)(x)
+    return [_reshape(x, tuple(y.shape), c.where)], False
+
+
+#: function / method / ATen name -> handler (after the arithmetic, which may take a constant first).
+_FUNCTIONS = {
+    "relu": _f_relu,
+    **dict.fromkeys(("clamp", "clamp_min", "clip"), _f_clamp),
+    **dict.fromkeys(_IDENTITY, _f_identity),
+    "native_dropout": _f_native_dropout,
+    **dict.fromkeys(("max_pool2d", "max_pool2d_with_indices"), _f_max_pool),
+    "avg_pool2d": _f_avg_pool,
+    **dict.fromkeys(("adaptive_avg_pool2d", "_adaptive_avg_pool2d"), _f_adaptive_avg),
+    "adaptive_max_pool2d": _f_adaptive_max,
+    "linear": _f_linear,
+    **dict.fromkeys(("conv2d", "convolution"), _f_conv),
+    **dict.fromkeys(("batch_norm", "native_batch_norm", "_native_batch_norm_legit",
+                     "_native_batch_norm_legit_no_training"), _f_batch_norm),
+    "mean": _f_mean,
+    "flatten": _f_flatten,
+    **dict.fromkeys(("view", "reshape", "_unsafe_view"), _f_view),
+    **dict.fromkeys(("squeeze", "unsqueeze"), _f_squeeze),
+}

@@ -25,7 +25,6 @@ import math
 import os
 import select
 import socket
-import time
 from typing import Any, Optional
 
 import numpy as np
@@ -37,21 +36,16 @@ from hwloop.errors import DeviceError, DeviceTimeout, ProtocolError
 from hwloop.wire.codec import (COUNT, DT_F64, Err, FEATURE_LOCK, HELLO_REPLY, HELLO_REQ, LAYER,
                                MAX_MESSAGE, PROTOCOL_VERSION, READ_RANGE, READ_WEIGHTS_REPLY, SEED,
                                WEIGHTS_CRC_REPLY, WINDOWS_HDR, WRITE_THRESHOLDS_HDR,
-                               WRITE_WEIGHTS_HDR, WRITE_WEIGHTS_SPARSE_HDR, chip_error, code_dtype,
+                               WRITE_WEIGHTS_HDR, WRITE_WEIGHTS_SPARSE_HDR, code_dtype,
                                encode_sparse)
-from hwloop.wire.frame import (CHUNK_HEADER, Cmd, DELIMITER, FRAME_OVERHEAD, Flag, Frame,
-                               FrameFault, FrameReader, LOCK_PAYLOAD, LockOp, MAX_PAYLOAD,
-                               MAX_RESEND, RESEND_HDR, SEQ_MAX, cmd_name, encode_frame,
-                               parse_error_payload, resend_payload, split_chunks)
+from hwloop.wire.frame import (CHUNK_HEADER, Cmd, DELIMITER, Flag, FrameReader, LOCK_PAYLOAD,
+                               LockOp, MAX_PAYLOAD, SEQ_MAX, cmd_name, split_chunks)
 from hwloop.wire.host import HEALTH_KEYS, HostDevice
+from hwloop.wire.serial_exchange import _Resplit, exchange
+from hwloop.wire.serial_link import LinkAdaptation
 
 
-class _Resplit(Exception):
-    """A frame too large for the link's error rate was only ever NAKed: send it again in
-    smaller frames (internal to SerialDevice)."""
-
-
-class SerialDevice(HostDevice):
+class SerialDevice(LinkAdaptation, HostDevice):
     """A chip behind a pyserial URL.
 
     Args:
@@ -214,64 +208,6 @@ class SerialDevice(HostDevice):
     def _xfer_time(self, nbytes: int) -> float:
         return 0.0 if self._byte_rate is None else nbytes / self._byte_rate
 
-    # -- link adaptation (docs/protocol.md, "Adaptive timeouts and chunk sizes") ---------------
-    #: Clean bytes the error estimate starts from, and the frames it decays over (it covers
-    #: about the last ERR_WINDOW_FRAMES frames, both directions).
-    ERR_PRIOR_BYTES = 32 * 1024
-    ERR_WINDOW_FRAMES = 256
-    #: Damaged frames needed before the chunk sizes change at all.
-    ERR_MIN_FRAMES = 4
-    #: Frame size at which a frame is damaged with probability about 1 - exp(-ERR_TARGET).
-    ERR_TARGET = 0.5
-
-    def _rtt_sample(self, r: float) -> None:
-        """RFC 6298: smoothed RTT and its variance; RTO = SRTT + max(G, 4 RTTVAR)."""
-        r = max(r, 0.0)
-        if self._srtt is None:
-            self._srtt, self._rttvar = r, r / 2
-        else:
-            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - r)
-            self._srtt = 0.875 * self._srtt + 0.125 * r
-        g = 0.01 + self._srtt / 4  # granularity: a shared host's scheduling jitter
-        self._rto = min(max(self._srtt + max(g, 4 * self._rttvar), self.ack_timeout),
-                        self.max_ack_timeout)
-        self.health["rto_ms"] = round(1000 * self._rto, 3)
-
-    def _observe(self, nbytes: int, damaged: int) -> None:
-        """One frame (either direction) of ``nbytes`` seen intact (0) or damaged (>= 1)."""
-        k = 1.0 - 1.0 / self.ERR_WINDOW_FRAMES  # forget old frames: grow back when clean
-        self._err_bytes = self._err_bytes * k + nbytes
-        self._err_frames = self._err_frames * k + damaged
-
-    def _target_chunk(self, current: int, most: int) -> int:
-        """The frame payload size for the error rate observed so far (shrinks at once, grows
-        back by at most 2x per decision)."""
-        if not self.adaptive or self._err_frames < self.ERR_MIN_FRAMES and current >= most:
-            return current
-        rate = self._err_frames / max(self._err_bytes, 1.0)
-        want = most if rate <= 0 else int(self.ERR_TARGET / rate)
-        want = max(self.min_chunk_bytes, min(most, want))
-        if want < 0.75 * current:
-            return want
-        if want > 1.5 * current or (want == most > current and
-                                    self.ERR_TARGET / max(rate, 1e-12) > 1.5 * current):
-            return min(want, 2 * current)
-        return current
-
-    def _adapt_chunks(self) -> None:
-        self.chunk_bytes = self._target_chunk(self.chunk_bytes, self.max_chunk_bytes)
-        self.health["chunk_bytes"] = self.chunk_bytes
-        want = self._target_chunk(self.reply_chunk_bytes, self.max_reply_chunk_bytes)
-        if want != self.reply_chunk_bytes and not self._in_hello:
-            # a new HELLO sets the chip's reply frame size (it changes nothing else)
-            self._in_hello = True
-            try:
-                self._transact(Cmd.HELLO, HELLO_REQ.pack(PROTOCOL_VERSION, want))
-                self.reply_chunk_bytes = want
-                self.health["reply_chunk_bytes"] = want
-            finally:
-                self._in_hello = False
-
     def _transact(self, cmd: int, payload: bytes = b"", flags: int = 0,
                   extra_timeout: float = 0.0, expect_bytes: int = 0,
                   splittable: bool = False) -> tuple[int, bytes]:
@@ -303,172 +239,8 @@ class SerialDevice(HostDevice):
 
     def _exchange(self, cmd: int, payload: bytes, flags: int, extra_timeout: float,
                   expect_bytes: int, splittable: bool, st: dict) -> tuple[int, bytes]:
-        seq = self._next_seq()
-        wire = encode_frame(Frame(seq, int(cmd), int(flags), payload))
-        long_t = self.timeout + extra_timeout + self._xfer_time(len(wire) + expect_bytes)
-
-        def nudge_after() -> Optional[float]:
-            t = self._rto + self._xfer_time(len(wire))
-            return None if t >= long_t else t  # the attempt timeout comes first anyway
-
-        nudge_t = nudge_after()
-        # quiet time before asking again for a damaged or missing reply frame
-        idle_t = self.RESEND_IDLE_S if self._srtt is None else \
-            min(max(self.RESEND_IDLE_S, self._srtt + 4 * self._rttvar), self.max_ack_timeout)
-        max_ask = max(1, min(MAX_RESEND, (self.chunk_bytes - RESEND_HDR.size) // 2))
-        chunks: dict[int, bytes] = {}
-        size = 0
-        total: Optional[int] = None
-        life = False  # the chip has shown that it holds this request (PENDING or a reply frame)
-        last_sent = len(wire)
-
-        def send(reason: str) -> None:
-            nonlocal heard, corrupt, round_last, round_max, last_io, last_sent
-            if total is not None or life:
-                if total is None:
-                    ask = [0]  # the whole reply frame (or chunk 0, which names the total)
-                else:
-                    missing = [i for i in range(total) if i not in chunks]
-                    if reason == "quiet" and round_max >= 0:
-                        # the stream may only have paused: ask for the gaps it has passed, and
-                        # for the last chunk of the round
-                        ask = [i for i in missing if i < round_max]
-                        if round_last is not None and round_last in missing and \
-                                round_last not in ask:
-                            ask.append(round_last)
-                        ask = ask or missing
-                    else:
-                        ask = missing
-                    ask = ask[:max_ask]
-                frame = encode_frame(Frame(seq, Cmd.RESEND, 0, resend_payload(ask)))
-                self._write(frame, cmd, seq)
-                last_sent = len(frame)
-                self.health["resends"] += 1
-                round_last = max(ask) if total is not None else None
-            else:
-                self._write(wire, cmd, seq)
-                last_sent = len(wire)
-                if st["sends"]:
-                    self.health["retries"] += 1
-                round_last = None if total is None else total - 1
-            st["sends"] += 1
-            self.health["frames_tx"] += 1
-            heard = corrupt = False
-            round_max = -1
-            last_io = time.monotonic()
-
-        heard = corrupt = False
-        round_last: Optional[int] = None
-        round_max = -1
-        last_io = 0.0
-        send("request")
-        deadline = last_io + long_t
-        fruitless = 0
-        while True:
-            now = time.monotonic()
-            wake = deadline
-            if nudge_t is not None:
-                wake = min(wake, last_io + nudge_t)
-            if corrupt or total is not None:
-                wake = min(wake, last_io + idle_t)
-            data = self._read_some(wake - now, cmd, seq)
-            now = time.monotonic()
-            nak = round_end = False
-            if data:
-                gap = now - last_io
-                last_io = now
-                for ev in self._reader.feed(data):
-                    if isinstance(ev, FrameFault):
-                        # most likely a reply of ours, damaged (or our banner/garbage)
-                        self.health["crc_errors" if ev.kind == "crc" else "resyncs"] += 1
-                        corrupt = True
-                        st["damaged"] = True
-                        self._observe(self.reply_chunk_bytes + FRAME_OVERHEAD, 1)
-                        continue
-                    self.health["frames_rx"] += 1
-                    self._observe(len(ev.payload) + FRAME_OVERHEAD, 0)
-                    if ev.cmd == Cmd.NAK and ev.is_reply and ev.version == PROTOCOL_VERSION:
-                        self.health["naks"] += 1
-                        nak = True
-                        if not heard:
-                            self._observe(last_sent, 1)  # our last frame arrived damaged
-                            st["naks"] += 1
-                        continue
-                    if not ev.is_reply and ev.version == PROTOCOL_VERSION and ev.seq == seq \
-                            and ev.cmd == cmd:
-                        raise DeviceError(
-                            f"{self._ctx(cmd, seq)}: the link sends our own request back (a "
-                            "loopback such as loop:// or a looped cable): no chip answers on "
-                            f"{self.url}")
-                    if not ev.is_reply or ev.seq != seq or ev.version != PROTOCOL_VERSION:
-                        self.health["stale_frames"] += 1
-                        continue
-                    st["gap"] = max(st["gap"], gap)  # the longest silence the chip kept
-                    if not heard:
-                        self._observe(last_sent, 0)  # our last frame arrived intact
-                    heard = life = True
-                    if ev.flags & Flag.PENDING and not ev.payload:
-                        continue
-                    if ev.cmd == Cmd.ERROR:
-                        code, msg = parse_error_payload(ev.payload)
-                        raise chip_error(code, msg, self._ctx(cmd, seq))
-                    if ev.cmd != cmd:
-                        raise ProtocolError(f"{self._ctx(cmd, seq)}: reply carries command "
-                                            f"{cmd_name(ev.cmd)}")
-                    if not ev.flags & Flag.CHUNKED:
-                        return ev.flags, ev.payload
-                    if len(ev.payload) < CHUNK_HEADER.size:
-                        raise ProtocolError(f"{self._ctx(cmd, seq)}: chunk shorter than its "
-                                            "header")
-                    idx, tot = CHUNK_HEADER.unpack_from(ev.payload)
-                    if total is None:
-                        total = tot
-                        if round_last is None:
-                            round_last = total - 1
-                    if tot != total or idx >= total:
-                        raise ProtocolError(f"{self._ctx(cmd, seq)}: inconsistent chunk "
-                                            f"{idx}/{tot}")
-                    round_max = max(round_max, idx)
-                    if idx not in chunks:
-                        size += len(ev.payload) - CHUNK_HEADER.size
-                        if size > MAX_MESSAGE:
-                            raise ProtocolError(f"{self._ctx(cmd, seq)}: reply exceeds "
-                                                "MAX_MESSAGE")
-                        chunks[idx] = ev.payload[CHUNK_HEADER.size:]
-                        deadline = now + long_t  # progress
-                        fruitless = 0
-                        if len(chunks) == total:
-                            return ev.flags, b"".join(chunks[i] for i in range(total))
-                    if idx == round_last:
-                        round_end = True
-            if nak and not heard:
-                if splittable and not life and not st["damaged"] and st["naks"] >= 2 and \
-                        len(payload) > self._target_chunk(self.chunk_bytes,
-                                                          self.max_chunk_bytes):
-                    # only NAKs so far: the chip has not executed it; send it in smaller frames
-                    self.health["resplits"] = self.health.get("resplits", 0) + 1
-                    raise _Resplit()
-                send("nak")  # our last frame arrived damaged: at once
-            elif round_end:
-                send("round")  # the round is over; what is missing now is lost
-            elif (corrupt or total is not None) and now - last_io >= idle_t:
-                send("quiet")
-            elif nudge_t is not None and now - last_io >= nudge_t:
-                self.health["nudges"] += 1
-                if self.adaptive and not heard:  # RFC 6298 back-off
-                    self._rto = min(2 * self._rto, self.max_ack_timeout)
-                    nudge_t = nudge_after()
-                send("nudge")  # nothing at all: the request (or RESEND) was lost
-            elif now >= deadline:
-                if not corrupt:
-                    self.health["timeouts"] += 1
-                fruitless += 1
-                if fruitless > self.retries:
-                    raise DeviceTimeout(
-                        f"{self._ctx(cmd, seq)}: no valid reply after {st['sends']} attempts "
-                        f"({self.retries + 1} of {long_t:.3g} s without progress)")
-                send("timeout")
-                deadline = time.monotonic() + long_t
+        """One request on the link: :class:`~hwloop.wire.serial_exchange.Exchange`."""
+        return exchange(self, cmd, payload, flags, extra_timeout, expect_bytes, splittable, st)
 
     def _send(self, cmd: int, payload: bytes, flags: int = 0, extra_timeout: float = 0.0,
               expect_bytes: int = 0) -> bytes:
