@@ -199,3 +199,19 @@ def test_training_writes_checkpoints_and_resumes_exactly(tmp_path):
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert rep["test_accuracy"] == rep_full["test_accuracy"]
+
+
+def test_progress_line_of_a_ttfs_network(capsys):
+    """The per-epoch line of a TTFS net shows its total spikes per neuron (it crashed on the
+    per-layer dict)."""
+    from torch import nn
+
+    import hwloop
+    from hwloop.data import synthetic_dataset
+    from hwloop.train.software import train
+    x, y = synthetic_dataset(64, (1, 6, 6), 3, seed=0)
+    torch.manual_seed(0)
+    net = hwloop.convert(nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 3)), x)
+    rep = train(net, (x, y), (x, y), epochs=1, batch_size=32, progress=True)
+    assert 0.0 <= rep["test_accuracy"] <= 1.0
+    assert "spikes/neuron" in capsys.readouterr().err

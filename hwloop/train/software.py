@@ -317,7 +317,8 @@ def _log_epoch(run: _Run, record: dict[str, Any]) -> None:
     if "test_accuracy" in record:
         msg += f", test acc {record['test_accuracy']:.4f}"
     if "spikes_per_neuron" in record:
-        msg += f", spikes/neuron {record['spikes_per_neuron']:.3f}"
+        spn = record["spikes_per_neuron"]  # a TTFS net's is per layer, with the "total"
+        msg += f", spikes/neuron {float(spn['total'] if isinstance(spn, dict) else spn):.3f}"
     msg += f", {record['wall_time_s']:.1f} s"
     run.tqdm.write(msg, file=sys.stderr)
 
