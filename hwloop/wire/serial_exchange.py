@@ -33,6 +33,12 @@ class _Resplit(Exception):
     smaller frames (internal to SerialDevice)."""
 
 
+#: Requests the chip stages (applied only with COMMIT, to the same values when sent again): the
+#: host may resend them in smaller frames even after a damaged frame from the chip, which may
+#: have been the reply of an executed piece (a RUN_BATCH may not: it would run twice).
+STAGED_WRITES = frozenset({Cmd.WRITE_WEIGHTS, Cmd.WRITE_WEIGHTS_SPARSE, Cmd.WRITE_THRESHOLDS})
+
+
 class Exchange:
     """The state of one request and its reply while it is on the link; ``dev`` is the
     :class:`~hwloop.wire.serial_device.SerialDevice` (its link, health and adaptation state).
@@ -250,7 +256,10 @@ class Exchange:
         """Our last frame arrived damaged: send it again at once, or (only NAKs so far, so the
         chip has not executed it) have the caller send it in smaller frames."""
         dev, st = self.dev, self.st
-        if self.splittable and not self.life and not st["damaged"] and st["naks"] >= 2 and \
+        # a damaged frame from the chip may be a damaged NAK as well as the reply of an executed
+        # request: it blocks the resplit only where executing twice would matter
+        if self.splittable and not self.life and st["naks"] >= 2 and \
+                (not st["damaged"] or self.cmd in STAGED_WRITES) and \
                 len(self.payload) > dev._target_chunk(dev.chunk_bytes, dev.max_chunk_bytes):
             dev.health["resplits"] = dev.health.get("resplits", 0) + 1
             raise _Resplit()
