@@ -30,7 +30,7 @@ from hwloop.wire.serial_device import SerialDevice
 
 from bytes_exchange import ScriptedPort, err, hello_exchange, nak, pending, rep, req, resend
 from fakes import grid_inputs, small_spec
-from wire_helpers import (INFO, SPEC, damage, message_steps, open_serial, program_steps,
+from wire_helpers import (INFO, SPEC, assert_same_record, damage, message_steps, open_serial, program_steps,
                           record_bytes, sparse_steps, weights_steps)
 
 
@@ -331,12 +331,7 @@ def test_run_batch_chunked_reply(f64):
                             else ("ticks",))
     rec = dev.run(x)  # no program() here: the spec comes from STATUS
     port.assert_done()
-    for a, b in zip(rec.spike_times, ref.spike_times):
-        assert torch.equal(a, b)
-    assert torch.equal(rec.readout, ref.readout)
-    assert torch.equal(rec.spike_counts, ref.spike_counts)
-    for a, b in zip(rec.v_tmax, ref.v_tmax):
-        assert torch.equal(a, b)
+    assert_same_record(rec, ref)
 
 
 ERROR_CLASSES = {Err.LIMIT: DeviceLimitError, Err.UNKNOWN_COMMAND: ProtocolError,

@@ -25,7 +25,7 @@ from hwloop.wire.visa_device import VisaDevice
 
 from bytes_exchange import (NO_ERROR, ScriptedInstrument, block_line, ieee_block, line,
                             scpi_error, visa_hello)
-from wire_helpers import INFO, SPEC, record_bytes
+from wire_helpers import INFO, SPEC, assert_same_record, record_bytes
 
 TOKEN = "0123456789abcdef"
 ECHO = f"HWL:ECHO? hwl-sync-{TOKEN}"
@@ -324,12 +324,7 @@ def test_run_sends_the_batch_as_a_block_and_decodes_the_reply(visa, f64):
                      formats=formats)
     dev.program(SPEC)
     rec = dev.run(x)
-    for a, b in zip(rec.spike_times, ref.spike_times):
-        assert torch.equal(a, b)
-    assert torch.equal(rec.readout, ref.readout)
-    assert torch.equal(rec.spike_counts, ref.spike_counts)
-    for a, b in zip(rec.v_tmax, ref.v_tmax):
-        assert torch.equal(a, b)
+    assert_same_record(rec, ref)
     assert rec.meta["time_format"] == ("f64" if f64 else "ticks")
     assert rec.meta["transport"] == inst.resource
     inst.assert_done()

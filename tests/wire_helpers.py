@@ -6,6 +6,7 @@ encodes it, and a FrameSession over a fake device."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from hwloop.chip.core import ChipCore
 from hwloop.chip.frame_session import FrameSession
@@ -21,6 +22,16 @@ from fakes import FakeB1Device, fake_info, random_params, small_spec
 
 INFO = fake_info()
 SPEC = small_spec(n_in=6, hidden=5, n_out=3)
+
+
+def assert_same_record(rec, ref) -> None:
+    """Two DeviceRecords equal bit for bit: spike times, readout, counts, V(t_max)."""
+    for a, b in zip(rec.spike_times, ref.spike_times):
+        assert torch.equal(a, b)
+    assert torch.equal(rec.readout, ref.readout)
+    assert torch.equal(rec.spike_counts, ref.spike_counts)
+    for a, b in zip(rec.v_tmax, ref.v_tmax):
+        assert torch.equal(a, b)
 
 
 def open_serial(script, **kw) -> tuple[SerialDevice, ScriptedPort]:

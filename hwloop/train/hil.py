@@ -189,10 +189,7 @@ class HILTrainer:
             changed.append(i)
         self.writes += n
         self._refresh_nominal(changed)
-        if failed:
-            raise WriteVerifyError(f"write verification failed for layers {failed} after "
-                                   f"{self.config.write_retries} retries; the chip's state of those "
-                                   "layers is not the intended one", layers=failed)
+        self._raise_unverified(failed, "write verification failed for layers")
         return n
 
     def _write_layer(self, i: int, codes: torch.Tensor, scale: float, theta: torch.Tensor,
@@ -281,11 +278,16 @@ class HILTrainer:
                 log(f"warning: {msg}")
             found.append(rec)
         self._refresh_nominal(changed)
-        if failed:
-            raise WriteVerifyError(f"rescaled layers {failed} failed to verify after "
-                                   f"{self.config.write_retries} retries; the chip's state of those "
-                                   "layers is not the intended one", layers=failed)
+        self._raise_unverified(failed, "rescale failed to verify for layers")
         return found
+
+    def _raise_unverified(self, failed: list[int], what: str) -> None:
+        """:class:`WriteVerifyError` naming the layers whose programmed state is not the intended
+        one (none: nothing raised)."""
+        if failed:
+            raise WriteVerifyError(f"{what} {failed} after {self.config.write_retries} retries; the "
+                                   "chip's state of those layers is not the intended one",
+                                   layers=failed)
 
     def _diagnose_scale(self, i: int, bits: int) -> Optional[tuple[dict, torch.Tensor]]:
         """(the record of :meth:`check_scales`, the fresh codes) when layer ``i``'s fixed scale
